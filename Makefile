@@ -1,0 +1,23 @@
+# Two entry points, both self-contained on a fresh CPU machine (see README "Quick start").
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch first, pinned to the local CPU wheel, so nothing resolves a CUDA build.
+setup: $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[cpu,dev]"
+
+demo: setup
+	$(BIN)/python -m train
+	$(BIN)/dit-export --checkpoint runs/default/checkpoint --out packages/default --force
+	$(BIN)/dit-sample packages/default --out runs/default/runtime_grid.png
+
+test: setup
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
