@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import onnx
 
-from dit_ops import DOMAIN
+from dit_ops import DOMAIN, OPSET_VERSION
+from dit_ops.downsampled_attention.onnx_function import DownsampledAttention
+from dit_ops.local_window_attention.onnx_function import LocalWindowAttention
 
-__all__ = ["BODIES", "function_proto", "attach_functions", "custom_nodes"]
+__all__ = ["BODIES", "MIN_OPSET", "function_proto", "attach_functions", "custom_nodes"]
 
-MIN_OPSET = 18
-
-
-def _bodies() -> dict:
-    from dit_ops.downsampled_attention.onnx_function import DownsampledAttention
-    from dit_ops.local_window_attention.onnx_function import LocalWindowAttention
-
-    return {"DownsampledAttention": DownsampledAttention, "LocalWindowAttention": LocalWindowAttention}
-
-
-BODIES = ("DownsampledAttention", "LocalWindowAttention")
+BODIES = {"DownsampledAttention": DownsampledAttention, "LocalWindowAttention": LocalWindowAttention}
+MIN_OPSET = 18  # the bodies are written against opset 18
 
 
 def function_proto(op_type: str, opset_version: int) -> onnx.FunctionProto:
@@ -38,7 +31,7 @@ def function_proto(op_type: str, opset_version: int) -> onnx.FunctionProto:
         raise ValueError(f"unknown dit_ops op type {op_type!r}; valid: {', '.join(BODIES)}")
     if opset_version < MIN_OPSET:
         raise ValueError(f"dit_ops function bodies need default opset >= {MIN_OPSET}, got {opset_version}")
-    function = _bodies()[op_type].to_function_proto()
+    function = BODIES[op_type].to_function_proto()
     for entry in function.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset_version
@@ -68,5 +61,5 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.functions[:]
     model.functions.extend(kept + [function_proto(name, default[0]) for name in used])
     if used and not any(entry.domain == DOMAIN for entry in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     return model

@@ -1,9 +1,11 @@
 """float32 -> float16 ONNX conversion that keeps the numerically sensitive parts in float32.
 
 Each node gets one precision, decided in graph order:
-- matmul-like ops (MatMul, Gemm, Conv, Einsum) run in fp16: they hold the weights and the FLOPs;
-- normalisation statistics, softmax, reductions, Pow/Exp and the dit_ops attention nodes run in fp32
-  (fp16 overflows at 65504: squares of activations > 256, exp of logits > 11, sums over many tokens);
+- matmul-like ops (MatMul, Gemm, Conv, Einsum) and the dit_ops attention nodes run in fp16: they hold
+  the weights and the FLOPs (the dit_ops function bodies upcast to fp32 inside, softmax included,
+  and their per-head scale / pooling-weight inputs are kept fp32);
+- normalisation statistics, softmax, reductions and Pow/Exp run in fp32 (fp16 overflows at 65504:
+  squares of activations > 256, exp of logits > 11, sums over many tokens);
 - any other op runs in fp32 when all its non-constant float inputs are fp32 (so the timestep
   embedding, which starts from the fp32 input `t`, stays fp32 up to its first Gemm: t * freq at
   t = 999 needs more than fp16's 11 bits of mantissa), and in fp16 otherwise; ops that read only
@@ -26,7 +28,9 @@ FP32_OPS = frozenset({
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd",
     "Pow", "Exp", "Log", "Sin", "Cos", "CumSum", "RotaryEmbedding",
 })
-FP32_DOMAINS = frozenset({"dit_ops"})
+FP16_DOMAINS = frozenset({"dit_ops"})
+# Inputs kept in fp32 whatever the node's precision: (domain, first index); dit_ops' scale inputs.
+_FP32_INPUTS_FROM = {"dit_ops": 3}
 # Inputs that carry no data precision of their own (shape-like float inputs): left untouched.
 _UNTOUCHED_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
 # Ops that only look at the shape or produce ints: their float inputs are not cast.
@@ -53,9 +57,9 @@ def _to_fp16_array(array: np.ndarray) -> np.ndarray:
 
 
 def _node_precision(node: onnx.NodeProto, float_inputs: list[str], consts: set[str], current: dict[str, int]) -> int:
-    if node.domain in FP32_DOMAINS or node.op_type in FP32_OPS:
+    if node.op_type in FP32_OPS:
         return FP32
-    if node.op_type in FP16_OPS:
+    if node.domain in FP16_DOMAINS or node.op_type in FP16_OPS:
         return FP16
     live = [name for name in float_inputs if name not in consts]
     if not live:  # weights read by index (embedding tables) are stored and gathered in fp16
@@ -113,10 +117,12 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         precision = _node_precision(node, float_inputs, consts, current)
         new = onnx.NodeProto()
         new.CopyFrom(node)
+        fp32_from = _FP32_INPUTS_FROM.get(node.domain, len(node.input))
         if node.op_type not in _SHAPE_OPS:
             for i, name in enumerate(node.input):
                 if name in float_inputs:
-                    new.input[i] = const_as(name, precision) if name in consts else value_as(name, precision)
+                    dtype = FP32 if i >= fp32_from else precision
+                    new.input[i] = const_as(name, dtype) if name in consts else value_as(name, dtype)
                 elif name in consts:
                     used_consts.add(name)
         else:

@@ -4,8 +4,8 @@ DiT S/B/L/XL x patch 2/4/8 and U-DiT S/B/L as published; `udit_*_vanilla` is U-D
 baseline (downsampled attention with the dwconv5 + shortcut downsampler, tanh-GELU FFN ratio 2,
 scaled-dot-product logits, no RoPE). `dit_unet` is the paper's DiT-UNet toy baseline, whose config was
 never published: U layout, independent per-stage embedders, plain DiT sub-layers (full self-attention,
-tanh-GELU MLP ratio 4); we chose hidden 64, 2 heads, depths [1, 2, 3, 2, 1] (U_DiTBlocks of two
-sub-layers), which costs 1.40 GMACs at 32x32 like the paper's (vs DiT-S/4 1.41). `*_tiny*` are CPU-sized
+tanh-GELU MLP ratio 4); we chose hidden 48, 2 heads, depths [1, 1, 2, 1, 1] (U_DiTBlocks of two
+sub-layers): 1.386 GMACs and 5.24M parameters at 32x32, near the paper's 1.40 (DiT-S/4: 1.41). `*_tiny*` are CPU-sized
 configs for tests and the default demo.
 """
 import inspect
@@ -27,7 +27,7 @@ for _size, (_hidden, _heads) in _UDIT_SIZES.items():
 for _size, (_hidden, _heads) in _UDIT_SIZES.items():
     CONFIGS[f"udit_{_size}_vanilla"] = (UDiT, dict(hidden_size=_hidden, num_heads=_heads, **_VANILLA))
 CONFIGS["dit_unet"] = (UDiT, dict(
-    hidden_size=64, num_heads=2, depth=[1, 2, 3, 2, 1], mlp_ratio=4.0, attention="full", **_VANILLA))
+    hidden_size=48, num_heads=2, depth=[1, 1, 2, 1, 1], mlp_ratio=4.0, attention="full", **_VANILLA))
 CONFIGS["dit_tiny_2"] = (DiT, dict(depth=4, hidden_size=128, num_heads=4, patch_size=2))
 CONFIGS["udit_tiny"] = (UDiT, dict(hidden_size=32, num_heads=2, depth=[1, 1, 2, 1, 1]))
 

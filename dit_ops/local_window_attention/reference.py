@@ -1,7 +1,7 @@
 """CLEAR local-window attention in torch: the `dit_ops::local_window_attention` custom op and its eager path.
 
 The eager path gathers query tiles and their haloed key windows (static indices and per-tile disc mask
-from `schema.TilePlan`, built once per grid/radius/device) and runs one scaled_dot_product_attention over
+from `schema.TilePlan`, built once per grid/radius/device) and runs one batched masked attention over
 all tiles, so memory and time are linear in the number of tokens and autograd comes for free. Under
 torch.export the public function calls the custom op instead, which the exporter turns into one
 `dit_ops::LocalWindowAttention` node.
@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dit_ops.local_window_attention import schema
@@ -52,7 +51,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, pool_weight: Tensor |
 
 def _tiled(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, pool_weight: Tensor | None,
            grid_h: int, grid_w: int, radius: int, down_factor: int) -> Tensor:
-    """Eager tiled path: one SDPA call over (batch * heads, tiles) with the static per-tile mask."""
+    """Eager tiled path: batched matmuls over (batch * heads, tiles) with the static per-tile mask.
+
+    Plain matmul + softmax beats scaled_dot_product_attention here: with a float mask SDPA takes its
+    math path plus a guard against fully masked rows, which cannot occur (a query always sees itself).
+    """
     _check(q, k, v, scale, pool_weight, grid_h, grid_w, radius, down_factor)
     b, h, n, c = q.shape
     q_index, k_index, out_index, mask = _tile_tensors(grid_h, grid_w, radius, q.device)
@@ -61,16 +64,17 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, pool_weight: Tensor |
     q_tiles = q.index_select(2, q_index).view(b * h, tiles, tq, c)
     k_tiles = k.index_select(2, k_index).view(b * h, tiles, tk, c)
     v_tiles = v.index_select(2, k_index).view(b * h, tiles, tk, c)
-    mask = mask.to(q.dtype)
-    if down_factor > 0:
-        # every tile also sees all pooled tokens: append them to each window, unmasked
-        pooled_k = pool_tokens(k, pool_weight, grid_h, grid_w, down_factor)
-        pooled_v = pool_tokens(v, pool_weight, grid_h, grid_w, down_factor)
-        p = pooled_k.shape[2]
-        k_tiles = torch.cat([k_tiles, pooled_k.reshape(b * h, 1, p, c).expand(-1, tiles, -1, -1)], dim=2)
-        v_tiles = torch.cat([v_tiles, pooled_v.reshape(b * h, 1, p, c).expand(-1, tiles, -1, -1)], dim=2)
-        mask = torch.cat([mask, mask.new_zeros(tiles, tq, p)], dim=2)
-    out = F.scaled_dot_product_attention(q_tiles, k_tiles, v_tiles, attn_mask=mask, scale=1.0)
+    logits = q_tiles @ k_tiles.transpose(-1, -2) + mask.to(q.dtype)
+    if down_factor == 0:
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        out = probs @ v_tiles
+    else:
+        # every query also sees all pooled tokens: one softmax over [window | pooled]
+        pooled_k = pool_tokens(k, pool_weight, grid_h, grid_w, down_factor).reshape(b * h, 1, -1, c)
+        pooled_v = pool_tokens(v, pool_weight, grid_h, grid_w, down_factor).reshape(b * h, 1, -1, c)
+        logits = torch.cat([logits, q_tiles @ pooled_k.transpose(-1, -2)], dim=-1)
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+        out = probs[..., :tk] @ v_tiles + probs[..., tk:] @ pooled_v
     return out.reshape(b, h, tiles * tq, c).index_select(2, out_index)
 
 

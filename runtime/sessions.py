@@ -1,0 +1,82 @@
+"""Inference sessions for the package's ONNX files on the requested execution provider.
+
+onnxruntime is imported here on first use, not at `import runtime` (it alone costs ~0.2 s). The
+TensorRT path lives in `runtime.tensorrt_session` (TensorRT and CUDA bindings) and is imported only
+when provider="tensorrt" is asked for. Sessions only need `run(output_names, feeds) -> list[ndarray]`,
+which ONNX Runtime guarantees is safe to call from several threads at once.
+"""
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+
+
+class Session(Protocol):
+    def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider cannot run on this machine."""
+
+
+def open_sessions(
+    paths: Sequence[Path], provider: str, *, strict: bool = False, threads: int | None = None
+) -> tuple[list[Session], str]:
+    """Open one session per path on `provider`; returns the sessions and the provider actually used.
+
+    An unavailable provider falls back to CPU with a RuntimeWarning, or raises ProviderUnavailable
+    when `strict`.
+    """
+    check_provider(provider, threads)
+    try:
+        return [_open(path, provider, threads) for path in paths], provider
+    except ProviderUnavailable as error:
+        if strict or provider == "cpu":
+            raise
+        warnings.warn(f"{error}; falling back to the CPU provider", RuntimeWarning, stacklevel=3)
+        return [_open(path, "cpu", threads) for path in paths], "cpu"
+
+
+def check_provider(provider: str, threads: int | None = None) -> None:
+    """Reject an unknown provider name or thread count before any file is hashed or opened."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; valid choices: {', '.join(PROVIDERS)}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for ONNX Runtime's default), got {threads}")
+
+
+def _open(path: Path, provider: str, threads: int | None) -> Session:
+    if provider == "tensorrt":
+        return _open_tensorrt(path)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ProviderUnavailable(
+                "provider 'cuda' is unavailable: this onnxruntime build has no CUDAExecutionProvider "
+                "(install onnxruntime-gpu instead of onnxruntime)"
+            )
+        session = ort.InferenceSession(
+            str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise ProviderUnavailable("provider 'cuda' is unavailable: ONNX Runtime could not start CUDA")
+        return session
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _open_tensorrt(path: Path) -> Any:
+    try:
+        from runtime import tensorrt_session
+
+        return tensorrt_session.open_session(path)
+    except (ImportError, RuntimeError, OSError) as error:
+        raise ProviderUnavailable(f"provider 'tensorrt' is unavailable: {error}") from error
