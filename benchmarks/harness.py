@@ -39,7 +39,7 @@ class Settings:
     workdir: Path
     warmup: int = 1
     repeats: int = 5
-    profile: bool = False
+    profile_dir: Path | None = None  # where --profile writes per-op tables; None = no profiling
     compile_timeout: float = 300.0
     worker_timeout: float = 900.0
     log_dir: Path = field(init=False)

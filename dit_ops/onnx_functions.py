@@ -23,9 +23,9 @@ MIN_OPSET = 18  # the bodies are written against opset 18
 def function_proto(op_type: str, opset_version: int) -> onnx.FunctionProto:
     """Body of `dit_ops::<op_type>` importing the default ONNX domain at `opset_version` (the model's).
 
-    The bodies are written against opset 18 and only use ops whose semantics did not change in later
-    opsets (later versions only added types), so re-labelling the import is exact; the checker
-    requires the function's default-domain version to equal the model's.
+    The bodies are written against opset 18; later versions of the ops they use only added types or
+    attributes that act on other types (float8 casts, float16 Range), so re-labelling the import is
+    exact, and the checker requires the function's default-domain version to equal the model's.
     """
     if op_type not in BODIES:
         raise ValueError(f"unknown dit_ops op type {op_type!r}; valid: {', '.join(BODIES)}")

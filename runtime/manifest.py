@@ -153,7 +153,8 @@ def _check_denoiser(denoiser: dict[str, Any]) -> None:
         _check_entry(entry, where, ("file", "sha256", "inputs", "outputs"))
         inputs = {spec.get("name"): spec for spec in entry["inputs"] if isinstance(spec, dict)}
         if sorted(inputs) != sorted(DENOISER_INPUTS):
-            raise PackageError(f"manifest {where}.inputs must be named {', '.join(DENOISER_INPUTS)}, got {list(inputs)}")
+            names = ", ".join(DENOISER_INPUTS)
+            raise PackageError(f"manifest {where}.inputs must be named {names}, got {list(inputs)}")
         if inputs["t"].get("dtype") not in TIMESTEP_DTYPES:
             raise PackageError(f"manifest {where} input t must have dtype in {TIMESTEP_DTYPES}")
         if not entry["outputs"] or not isinstance(entry["outputs"][0], dict) or "name" not in entry["outputs"][0]:

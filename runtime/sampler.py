@@ -101,8 +101,8 @@ class Sampler:
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
         steps = default_steps(scheduler) if steps is None else steps
-        schedule = make_scheduler(scheduler, self.schedule, steps, learn_sigma=self.learn_sigma, eta=eta)
-        self._check_timesteps(schedule)
+        solver = make_scheduler(scheduler, self.schedule, steps, learn_sigma=self.learn_sigma, eta=eta)
+        self._check_timesteps(solver)
         guided = self._guided_channels(cfg_channels)
         generators = [np.random.Generator(np.random.PCG64(s)) for s in self._check_seeds(seed, count)]
 
@@ -112,13 +112,13 @@ class Sampler:
         x = draw_noise()
         if latents is not None:
             x = self._check_latents(latents, count)
-        x = x * schedule.init_noise_sigma
-        x = self._denoise(schedule, x, labels, float(guidance_scale), guided, draw_noise, progress)
+        x = x * solver.init_noise_sigma
+        x = self._denoise(solver, x, labels, float(guidance_scale), guided, draw_noise, progress)
         return x if output_type == "latent" else self._decode(x)
 
     def _denoise(
         self,
-        schedule: Scheduler,
+        solver: Scheduler,
         x: np.ndarray,
         labels: np.ndarray,
         guidance_scale: float,
@@ -126,12 +126,12 @@ class Sampler:
         draw_noise: Callable[[], np.ndarray],
         progress: Callable[[int, int], None] | None,
     ) -> np.ndarray:
-        count, total = len(labels), len(schedule.timesteps)
+        count, total = len(labels), len(solver.timesteps)
         use_cfg = guidance_scale != 1.0
         if use_cfg:
             labels = np.concatenate([labels, np.full(count, self.null_label, np.int64)])
-        for i, t in enumerate(schedule.timesteps):
-            model_input = schedule.scale_model_input(x, i)
+        for i, t in enumerate(solver.timesteps):
+            model_input = solver.scale_model_input(x, i)
             if use_cfg:
                 model_input = np.concatenate([model_input, model_input])
             feeds = {
@@ -141,7 +141,7 @@ class Sampler:
             }
             out = self._denoiser.run([self._denoiser_output], feeds)[0]
             eps, variance = self._guide(out, count, guidance_scale if use_cfg else None, guided_channels)
-            x = schedule.step(i, x, eps, variance, draw_noise)
+            x = solver.step(i, x, eps, variance, draw_noise)
             if progress is not None:
                 progress(i + 1, total)
         return x
@@ -203,11 +203,11 @@ class Sampler:
             raise ValueError(f"latents must have shape {expected} (one per class label), got {latents.shape}")
         return latents
 
-    def _check_timesteps(self, schedule: Scheduler) -> None:
-        timesteps = schedule.timesteps
+    def _check_timesteps(self, solver: Scheduler) -> None:
+        timesteps = solver.timesteps
         if np.issubdtype(self._timestep_dtype, np.integer) and np.any(timesteps != np.round(timesteps)):
             raise ValueError(
-                f"scheduler {schedule.name!r} uses fractional timesteps but this package's denoiser takes "
+                f"scheduler {solver.name!r} uses fractional timesteps but this package's denoiser takes "
                 f"int64 t; use ddpm, ddim or dpm++2m, or export the denoiser with a float32 t"
             )
 

@@ -74,7 +74,9 @@ class TinyModel:
             numpy_helper.from_array(np.array([-1, c, 1, 1], np.int64), "emb_shape"),
         ]  # fmt: skip
         t_input = "t" if timestep_dtype == "float32" else "t_float"
-        nodes = [] if timestep_dtype == "float32" else [helper.make_node("Cast", ["t"], ["t_float"], to=TensorProto.FLOAT)]
+        nodes = []
+        if timestep_dtype != "float32":
+            nodes.append(helper.make_node("Cast", ["t"], ["t_float"], to=TensorProto.FLOAT))
         nodes += [
             helper.make_node("Div", [t_input, "thousand"], ["s_flat"]),
             helper.make_node("Reshape", ["s_flat", "col"], ["s"]),
@@ -113,7 +115,7 @@ class TinyModel:
                 helper.make_tensor_value_info("t", dtype, ["batch"]),
                 helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"]),
             ],
-            [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", out_channels, LATENT_SIDE, LATENT_SIDE])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", out_channels, *[LATENT_SIDE] * 2])],
             initializers,
         )
         return _model(graph)
@@ -200,7 +202,10 @@ def build_package(
     image_side = LATENT_SIDE if pixel else 2 * LATENT_SIDE
     manifest = {
         "schema_version": 1,
-        "model": {"name": "tiny_fixture", "config": {}, "family": "dit", "attention": {"kind": "full"}, "reparameterized": True},
+        "model": {
+            "name": "tiny_fixture", "config": {}, "family": "dit",
+            "attention": {"kind": "full"}, "reparameterized": True,
+        },
         "latent": {"channels": c, "height": LATENT_SIDE, "width": LATENT_SIDE},
         "image": {"channels": 3, "height": image_side, "width": image_side, "range": [0, 1]},
         "classes": {"num_classes": NUM_CLASSES, "null_label": NUM_CLASSES},

@@ -24,11 +24,14 @@ import triton.language as tl
 from dit_ops.downsampled_attention import schema
 
 __all__ = [
-    "BlockConfig", "default_config", "launch_grid", "head_dim_padded", "compile_kernel", "kernel_arguments",
+    "PLUGIN_ID", "PLUGIN_ATTRIBUTES", "BlockConfig", "default_config", "launch_grid", "head_dim_padded", "compile_kernel", "kernel_arguments",
     "downsampled_attention", "KernelCost", "cost_per_call",
 ]
 
-DTYPES = ("fp16", "fp32")
+DTYPES = ("fp16", "fp32")  # element types the kernel is built for
+PLUGIN_ID = f"{schema.DOMAIN}::{schema.OP_TYPE}"
+# Node attributes the TensorRT plugin declares (ONNX has no bool: rope / cosine are 0 / 1 ints).
+PLUGIN_ATTRIBUTES = ("grid_h", "grid_w", "rope", "cosine")
 
 
 @dataclass(frozen=True)

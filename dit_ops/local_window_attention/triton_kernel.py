@@ -25,11 +25,15 @@ import triton.language as tl
 from dit_ops.local_window_attention import schema
 
 __all__ = [
-    "TileConfig", "default_config", "visited_tiles", "dense_tiles", "launch_grid", "head_dim_padded",
+    "PLUGIN_ID", "PLUGIN_ATTRIBUTES", "TileConfig", "default_config", "visited_tiles", "dense_tiles", "launch_grid", "head_dim_padded",
     "compile_kernel", "kernel_arguments", "local_window_attention", "KernelCost", "cost_per_call",
 ]
 
-DTYPES = {"fp32": "fp32", "fp16": "fp16"}  # Triton pointer element types the kernel is built for
+DTYPES = ("fp16", "fp32")  # element types the kernel is built for
+PLUGIN_ID = f"{schema.DOMAIN}::{schema.OP_TYPE}"
+# Node attributes the TensorRT plugin declares (the parser passes only these; the tile plan attributes
+# of the ONNX node describe the function body's tiling, not the kernel's).
+PLUGIN_ATTRIBUTES = ("grid_h", "grid_w", "radius", "down_factor")
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,10 @@ class TileConfig:
 def default_config(head_dim: int, dtype: str) -> TileConfig:
     """GPU tiles: 8 x 16 queries for fp16 (tensor cores), 8 x 8 for exact fp32 (FMA, register bound)."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if dtype == "fp32":
-        return TileConfig(8, 8, block_p=32, num_warps=4)
+        # one stage: software pipelining of the pooled-token loads would need ~290 KB of shared memory
+        return TileConfig(8, 8, block_p=32, num_warps=4, num_stages=1)
     return TileConfig(8, 16, block_p=64, num_warps=8 if head_dim > 64 else 4)
 
 
@@ -240,7 +245,7 @@ def compile_kernel(dtype: str, param_dtype: str, head_dim: int, grid_h: int, gri
     """
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         if value not in DTYPES:
-            raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
+            raise ValueError(f"{name} must be one of {list(DTYPES)}, got {value!r}")
     schema.validate_attributes(grid_h, grid_w, radius, down_factor)
     constexprs = _constexprs(grid_h, grid_w, radius, down_factor, head_dim, config)
     signature = {
