@@ -171,8 +171,11 @@ def measure_model(settings: Settings, model: str) -> tuple[list[dict], dict]:
 
     peer_path = settings.workdir / "peers" / f"{model}_diffusers.onnx"
     peer_path.parent.mkdir(exist_ok=True)
-    peer = run_worker(settings, "benchmarks.denoiser:export_peer",
-                      {"model": model, "batch": BATCH, "out_path": str(peer_path)}, label=f"peer_export_{model}")
+    if model.startswith("dit_"):
+        peer = run_worker(settings, "benchmarks.denoiser:export_peer",
+                          {"model": model, "batch": BATCH, "out_path": str(peer_path)}, label=f"peer_export_{model}")
+    else:
+        peer = {"status": "n/a: diffusers has no U-DiT (DiTTransformer2DModel is plain DiT)"}
     if ok(peer):
         row = run_worker(settings, "benchmarks.denoiser:ort_step", {
             "onnx_path": str(peer_path), "inputs": peer["inputs"], "num_classes": peer["num_classes"], **timing,

@@ -91,7 +91,8 @@ def _models(sections: dict) -> tuple[str | None, str | None]:
 def _target(name: str, required: str, check: Callable[[float], bool], value: float | None, shown: str,
             reason: str = "") -> dict:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {"target": name, "required": required, "measured": None, "status": f"unavailable: {reason}"}
+        status = reason if reason.startswith(("unavailable", "skipped")) else f"unavailable: {reason}"
+        return {"target": name, "required": required, "measured": None, "status": status}
     return {"target": name, "required": required, "measured": shown, "value": value,
             "status": "pass" if check(value) else "fail"}
 

@@ -127,76 +127,66 @@ def test_fp16_bodies_accumulate_in_float():
 # ---------------------------------------------------------------- torch.onnx.export -> one custom node
 
 
-class _Local(torch.nn.Module):
-    def __init__(self, heads: int, grid_h: int, grid_w: int, radius: int, down_factor: int):
+class _Block(torch.nn.Module):
+    """Both ops on one 8 x 12 token grid, with their parameters, as a model would call them."""
+
+    def __init__(self, heads: int, radius: int, down_factor: int, rope: bool, cosine: bool):
         super().__init__()
-        self.grid = dict(grid_h=grid_h, grid_w=grid_w, radius=radius, down_factor=down_factor)
+        self.local = dict(grid_h=8, grid_w=12, radius=radius, down_factor=down_factor)
+        self.downsampled = dict(grid_h=8, grid_w=12, rope=rope, cosine=cosine)
         self.scale = torch.nn.Parameter(0.3 + torch.rand(heads))
         self.pool_weight = torch.nn.Parameter(torch.full((down_factor**2,), 1.0 / down_factor**2)) if down_factor else None
+        self.logit_scale = torch.nn.Parameter(torch.linspace(1.0, 5.0, heads))
 
     def forward(self, q, k, v):
-        return local_window_attention(q, k, v, self.scale, pool_weight=self.pool_weight, **self.grid) * 2.0
-
-
-class _Downsampled(torch.nn.Module):
-    def __init__(self, heads: int, grid_h: int, grid_w: int, rope: bool, cosine: bool):
-        super().__init__()
-        self.grid = dict(grid_h=grid_h, grid_w=grid_w, rope=rope, cosine=cosine)
-        self.logit_scale = torch.nn.Parameter(torch.full((heads,), math.log(10.0)))
-
-    def forward(self, q, k, v):
-        return downsampled_attention(q, k, v, self.logit_scale, **self.grid) + 1.0
+        local = local_window_attention(q, k, v, self.scale, pool_weight=self.pool_weight, **self.local)
+        return local + downsampled_attention(q, k, v, self.logit_scale, **self.downsampled) * 0.5
 
 
 def _export(module: torch.nn.Module, args: tuple, opset: int | None) -> onnx.ModelProto:
+    """Export with a dynamic batch axis and attach the bodies."""
     kwargs = {} if opset is None else {"opset_version": opset}
+    batch = torch.export.Dim("batch")
     program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=dit_ops.translation_table(),
-                                verbose=False, **kwargs)
+                                dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), verbose=False, **kwargs)
     return dit_ops.attach_functions(program.model_proto)
 
 
-_EXPORTS = [
-    ("LocalWindowAttention", lambda: _Local(3, 9, 13, 3, 0), 9 * 13, 18,
-     dict(grid_h=9, grid_w=13, radius=3, down_factor=0, tile_h=9, tile_w=13, window_h=9, window_w=13)),
-    ("LocalWindowAttention", lambda: _Local(3, 8, 12, 5, 2), 8 * 12, 23,
-     dict(grid_h=8, grid_w=12, radius=5, down_factor=2)),
-    ("DownsampledAttention", lambda: _Downsampled(3, 8, 12, True, True), 8 * 12, 18,
-     dict(grid_h=8, grid_w=12, rope=1, cosine=1)),
-    ("DownsampledAttention", lambda: _Downsampled(3, 6, 4, False, False), 6 * 4, None,
-     dict(grid_h=6, grid_w=4, rope=0, cosine=0)),
-]
-
-
-@pytest.mark.parametrize("op_type, make, n, opset, expected", _EXPORTS)
-def test_export_one_custom_node_fp32(op_type, make, n, opset, expected):
+@pytest.mark.parametrize("opset, radius, down_factor, rope, cosine", [(18, 3, 0, True, True), (23, 5, 2, False, False)])
+def test_export_one_custom_node_per_call(opset, radius, down_factor, rope, cosine):
     torch.manual_seed(0)
-    module = make()
-    args = tuple(_qkv(n))
+    module = _Block(3, radius, down_factor, rope, cosine)
+    args = tuple(_qkv(8 * 12))
     model = _export(module, args, opset)
     nodes = custom_nodes(model)
-    assert [node.op_type for node in nodes] == [op_type]
-    attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert attrs["plugin_namespace"] == b"dit_ops" and attrs["plugin_version"] == b"1"
-    assert attrs["num_heads"] == 3 and attrs["head_dim"] == 8
-    assert {key: attrs[key] for key in expected} == expected
-    assert len(nodes[0].input) == len(lw_schema.INPUTS if op_type == "LocalWindowAttention" else ds_schema.INPUTS)
-    assert [f.name for f in model.functions if f.domain == "dit_ops"] == [op_type]
+    assert sorted(node.op_type for node in nodes) == ["DownsampledAttention", "LocalWindowAttention"]
+    expected = {
+        "LocalWindowAttention": lw_schema.node_attributes(3, 8, 8, 12, radius, down_factor),
+        "DownsampledAttention": ds_schema.node_attributes(3, 8, 8, 12, rope, cosine),
+    }
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        want = {key: value.encode() if isinstance(value, str) else value for key, value in expected[node.op_type].items()}
+        assert attrs == want
+        inputs = lw_schema.INPUTS if node.op_type == "LocalWindowAttention" else ds_schema.INPUTS
+        assert len(node.input) == len(inputs)
+    assert sorted(f.name for f in model.functions if f.domain == "dit_ops") == sorted(expected)
     onnx.checker.check_model(model, full_check=True)
-    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args)}
+    other_batch = tuple(_qkv(8 * 12, batch=3, seed=1))
+    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, other_batch)}
     with torch.no_grad():
-        ref = module(*args).numpy()
+        ref = module(*other_batch).numpy()
     np.testing.assert_allclose(_run(model, feeds), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("make, n", [(lambda: _Local(2, 12, 8, 4, 2), 12 * 8), (lambda: _Downsampled(2, 8, 8, True, True), 64)])
-def test_export_fp16_model(make, n):
+def test_export_fp16_model():
     torch.manual_seed(0)
-    module = make()
-    args = tuple(_qkv(n, heads=2, dim=16))
+    module = _Block(2, 4, 2, True, True)
+    args = tuple(_qkv(8 * 12, heads=2, dim=16))
     with torch.no_grad():
         ref = module(*args).numpy()
     model = _export(module.half(), tuple(a.half() for a in args), None)
-    assert len(custom_nodes(model)) == 1
+    assert len(custom_nodes(model)) == 2
     onnx.checker.check_model(model, full_check=True)
     out = _run(model, {i.name: a.half().numpy() for i, a in zip(model.graph.input, args)})
     assert out.dtype == np.float16 and np.isfinite(out).all()

@@ -10,8 +10,6 @@ arithmetic run in float32 whatever the input type; the output is cast back to q'
 
 from __future__ import annotations
 
-import math
-
 import onnx
 from onnxscript import opset18 as op
 from onnxscript import script
@@ -22,7 +20,6 @@ from dit_ops.downsampled_attention import schema
 __all__ = ["OP_SCHEMA", "translate", "DownsampledAttention"]
 
 DIT_OPS = Opset(schema.DOMAIN, schema.OPSET_VERSION)
-_FLOAT = onnx.TensorProto.FLOAT
 
 
 def _make_schema() -> onnx.defs.OpSchema:
@@ -61,7 +58,7 @@ def DownsampledAttention(
     batch = op.Shape(q, start=0, end=1)
     heads = op.Unsqueeze(op.Constant(value_int=num_heads), [0])
     dim = op.Constant(value_int=head_dim)
-    dim1 = op.Unsqueeze(op.Constant(value_int=head_dim), [0])
+    dim1 = op.Unsqueeze(dim, [0])
     half_h = op.Unsqueeze(op.Constant(value_int=grid_h), [0]) / 2
     half_w = op.Constant(value_int=grid_w) / 2
     half_w1 = op.Unsqueeze(half_w, [0])
@@ -79,7 +76,7 @@ def DownsampledAttention(
     # --- RoPE2D tables (tokens, D): pair m = c // 2 rotates by col * f_{m//2} (m even) or row * f_{m//2} (m odd)
     channel = op.Range(0, dim, 1)
     pair = channel / 2
-    freq = op.Reciprocal(op.Pow(op.Constant(value_float=10000.0), op.Cast((pair / 2) * 4, to=1) / op.Cast(dim, to=1)))
+    freq = op.Reciprocal(op.Pow(op.Constant(value_float=schema.ROPE_THETA), op.Cast((pair / 2) * 4, to=1) / op.Cast(dim, to=1)))
     n = op.Range(0, op.Squeeze(tokens, [0]), 1)
     col = op.Cast(op.Unsqueeze(op.Mod(n, half_w), [1]), to=1)
     row = op.Cast(op.Unsqueeze(n / half_w, [1]), to=1)
@@ -96,7 +93,7 @@ def DownsampledAttention(
 
     # --- logits: cosine * exp(min(logit_scale, ln 100)), or q.k / sqrt(D)
     eps = op.Constant(value_float=1e-12)
-    temperature = op.Exp(op.Min(op.Cast(logit_scale, to=1), op.Constant(value_float=math.log(100.0))))
+    temperature = op.Exp(op.Min(op.Cast(logit_scale, to=1), op.Constant(value_float=schema.MAX_LOGIT_SCALE)))
     q_cos = qr / op.Max(op.ReduceL2(qr, [-1], keepdims=1), eps) * op.Reshape(temperature, [-1, 1, 1, 1])
     k_cos = kr / op.Max(op.ReduceL2(kr, [-1], keepdims=1), eps)
     is_cosine = op.Cast(op.Constant(value_int=cosine), to=9)

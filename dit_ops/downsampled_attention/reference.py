@@ -22,7 +22,9 @@ __all__ = [
 ]
 
 
-def rope2d_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def rope2d_tables(
+    grid_h: int, grid_w: int, head_dim: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
     """(cos, sin), each (grid_h * grid_w, head_dim) float32, for tokens of a row-major grid.
 
     Channels (4i, 4i+1) rotate by col * f_i and (4i+2, 4i+3) by row * f_i, f_i = 10000^(-4i / head_dim)

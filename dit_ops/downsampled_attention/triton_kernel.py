@@ -229,28 +229,47 @@ def downsampled_attention(q, k, v, logit_scale, grid_h: int, grid_w: int, rope: 
 
 @dataclass(frozen=True)
 class KernelCost:
-    """Work of one call: executed FLOPs (padded blocks), exponentials, compulsory HBM bytes."""
+    """Work of one call as executed (padded blocks and head_dim), for the roofline in docs/roofline.md.
 
-    flops: float
+    mma_flops: QK^T (three products when split) and PV (tensor cores for fp16, FMA for fp32);
+    fp32_flops: RoPE and normalisation of every loaded q / k row; exps: softmax exponentials;
+    hbm_bytes: q, k, v, out once each; l2_bytes: every block load (a group's keys once per query block).
+    """
+
+    mma_flops: float
+    fp32_flops: float
     exps: float
-    bytes: float
+    hbm_bytes: float
+    l2_bytes: float
 
 
-def cost_per_call(batch: int, heads: int, grid_h: int, grid_w: int, head_dim: int, cosine: bool = True,
-                  dtype: str = "fp16", config: BlockConfig | None = None) -> KernelCost:
+# fp32 operations per loaded element: RoPE = sin + cos (libdevice, ~20 each, an estimate) + 4 for the
+# rotation; the cosine normalisation = 3 (square-add, divide, and the share of the row sum).
+ROPE_FLOPS = 44
+NORM_FLOPS = 3
+
+
+def cost_per_call(batch: int, heads: int, grid_h: int, grid_w: int, head_dim: int, rope: bool = True,
+                  cosine: bool = True, dtype: str = "fp16", config: BlockConfig | None = None) -> KernelCost:
     """What the kernel executes: 4 groups x (padded M)^2 pairs x D_pad MACs for QK^T (x3 when split) and PV.
 
-    Bytes count each q, k, v, out element once (a group's keys are re-read per query block from L2).
+    RoPE and the normalisation are recomputed for a group's keys once per query block.
     """
     config = config or default_config(head_dim, dtype)
     tokens = (grid_h // 2) * (grid_w // 2)
-    rows = -(-tokens // config.block_m) * config.block_m
+    q_blocks = -(-tokens // config.block_m)
     cols = -(-tokens // config.block_n) * config.block_n
-    pairs = batch * heads * schema.GROUPS * rows * cols
-    qk_products = 3 if (cosine and dtype == "fp16") else 1
+    groups = batch * heads * schema.GROUPS
+    q_rows = groups * q_blocks * config.block_m
+    k_rows = groups * q_blocks * cols
+    d_pad = head_dim_padded(head_dim)
     element = 2 if dtype == "fp16" else 4
+    rope_loads = 2 if rope else 1  # RoPE reads each q / k row twice (the pair partner)
+    per_element = ROPE_FLOPS * rope + NORM_FLOPS * cosine
     return KernelCost(
-        flops=2.0 * pairs * head_dim_padded(head_dim) * (qk_products + 1),
-        exps=float(pairs),
-        bytes=4.0 * batch * heads * grid_h * grid_w * head_dim * element,
+        mma_flops=2.0 * q_rows * cols * d_pad * ((3 if (cosine and dtype == "fp16") else 1) + 1),
+        fp32_flops=float(per_element * (q_rows + k_rows) * d_pad),
+        exps=float(q_rows * cols),
+        hbm_bytes=4.0 * batch * heads * grid_h * grid_w * head_dim * element,
+        l2_bytes=float(((q_rows + k_rows) * rope_loads + k_rows + q_rows) * d_pad * element),
     )

@@ -7,9 +7,9 @@ scatter-back index are all functions of constants, which ONNX Runtime folds at l
 Gather -> batched MatMul over (batch, heads, tiles) -> masked Softmax -> MatMul -> Gather: memory and
 time linear in the number of tokens, never an N x N mask.
 
-Pooled tokens (down_factor d > 0) are pooled from the first (grid_h / d) * [d > 0] patch rows, so with
-d = 0 the pooled tensors are empty (zero rows) and the same graph reduces to pure local attention
-without control flow. Softmax and all arithmetic run in float32; the output is cast back to q's type.
+Pooled tokens (down_factor d > 0) are pooled from the first (grid_h / d) * [d > 0] patch rows and
+appended to every key window, so with d = 0 the pooled tensors are empty (zero rows) and the same graph
+is pure local attention, without control flow and without touching the logits twice. Softmax and all arithmetic run in float32; the output is cast back to q's type.
 """
 
 from __future__ import annotations
@@ -117,36 +117,40 @@ def LocalWindowAttention(
     qf = op.Cast(q, to=1) * op.Reshape(op.Cast(scale, to=1), [-1, 1, 1])
     kf = op.Cast(k, to=1)
     vf = op.Cast(v, to=1)
-    q_tiles = op.Reshape(op.Gather(qf, query_index, axis=2), op.Concat(batch, heads, num_tiles, tile_size, dim, axis=0))
+    tile_shape = op.Concat(batch, heads, num_tiles, tile_size, dim, axis=0)
+    q_tiles = op.Reshape(op.Gather(qf, query_index, axis=2), tile_shape)
     window_shape = op.Concat(batch, heads, num_tiles, window_size, dim, axis=0)
     k_tiles = op.Reshape(op.Gather(kf, key_index, axis=2), window_shape)
     v_tiles = op.Reshape(op.Gather(vf, key_index, axis=2), window_shape)
-    local_logits = op.MatMul(q_tiles, op.Transpose(k_tiles, perm=[0, 1, 2, 4, 3])) + mask
 
     # --- pooled tokens (B, H, P, D): weighted d x d patch sums; P = 0 when down_factor = 0
     d = op.Constant(value_int=down_factor)
     patch = op.Max(d, 1)
     pooled_rows = (gh / patch) * op.Min(d, 1)
     pooled_cols = gw / patch
-    used_rows = op.Unsqueeze(pooled_rows * patch, [0])
     patch1 = op.Unsqueeze(patch, [0])
+    one = op.Constant(value_ints=[1])
     grid_shape = op.Concat(batch, heads, op.Unsqueeze(gh, [0]), op.Unsqueeze(gw, [0]), dim, axis=0)
     patch_shape = op.Concat(
         batch, heads, op.Unsqueeze(pooled_rows, [0]), patch1, op.Unsqueeze(pooled_cols, [0]), patch1, dim, axis=0
     )
     num_pooled = op.Unsqueeze(pooled_rows * pooled_cols, [0])
-    pooled_shape = op.Concat(batch, heads, num_pooled, dim, axis=0)
-    weight = op.Reshape(op.Cast(pool_weight, to=1), op.Concat(patch1, op.Constant(value_ints=[1]), patch1, op.Constant(value_ints=[1]), axis=0))
+    used_rows = op.Unsqueeze(pooled_rows * patch, [0])
+    weight = op.Reshape(op.Cast(pool_weight, to=1), op.Concat(patch1, one, patch1, one, axis=0))
     k_patches = op.Reshape(op.Slice(op.Reshape(kf, grid_shape), [0], used_rows, [2]), patch_shape, allowzero=1)
     v_patches = op.Reshape(op.Slice(op.Reshape(vf, grid_shape), [0], used_rows, [2]), patch_shape, allowzero=1)
+    # every tile sees all pooled tokens: append them to each window (B, H, tiles, Tk + P, D)
+    pooled_shape = op.Concat(batch, heads, one, num_pooled, dim, axis=0)
+    tiled_shape = op.Concat(batch, heads, num_tiles, num_pooled, dim, axis=0)
     pooled_k = op.Reshape(op.ReduceSum(k_patches * weight, [3, 5], keepdims=0), pooled_shape, allowzero=1)
     pooled_v = op.Reshape(op.ReduceSum(v_patches * weight, [3, 5], keepdims=0), pooled_shape, allowzero=1)
-    pooled_logits = op.MatMul(q_tiles, op.Unsqueeze(op.Transpose(pooled_k, perm=[0, 1, 3, 2]), [2]))
+    keys = op.Concat(k_tiles, op.Expand(pooled_k, tiled_shape), axis=3)
+    values = op.Concat(v_tiles, op.Expand(pooled_v, tiled_shape), axis=3)
+    # pooled columns are never masked (constant Pad, folded at load)
+    full_mask = op.Pad(mask, op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0]), num_pooled, axis=0))
 
     # --- one softmax over window + pooled tokens, then scatter the tiles back to token order
-    probs = op.Softmax(op.Concat(local_logits, pooled_logits, axis=-1), axis=-1)
-    window_probs = op.Slice(probs, [0], window_size, [4])
-    pooled_probs = op.Slice(probs, window_size, window_size + num_pooled, [4])
-    out = op.MatMul(window_probs, v_tiles) + op.MatMul(pooled_probs, op.Unsqueeze(pooled_v, [2]))
+    logits = op.MatMul(q_tiles, op.Transpose(keys, perm=[0, 1, 2, 4, 3])) + full_mask
+    out = op.MatMul(op.Softmax(logits, axis=-1), values)
     out = op.Reshape(out, op.Concat(batch, heads, num_tiles * tile_size, dim, axis=0))
     return op.CastLike(op.Gather(out, out_index, axis=2), q)

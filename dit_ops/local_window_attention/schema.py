@@ -137,6 +137,11 @@ class TilePlan:
         return self.tiles_h * self.tiles_w
 
     @property
+    def visited_tiles(self) -> int:
+        """Tile-sized key blocks a kernel walks to cover one window (ceil(window / tile) per axis)."""
+        return -(-self.window_h // self.tile_h) * -(-self.window_w // self.tile_w)
+
+    @property
     def tile_size(self) -> int:
         """Queries per tile (Tq)."""
         return self.tile_h * self.tile_w

@@ -298,32 +298,46 @@ def local_window_attention(q, k, v, scale, pool_weight, grid_h: int, grid_w: int
 
 @dataclass(frozen=True)
 class KernelCost:
-    """Work of one call: executed FLOPs (padded tiles), exponentials, compulsory HBM bytes."""
+    """Work of one call as executed (padded tiles and head_dim), for the roofline in docs/roofline.md.
 
-    flops: float
+    mma_flops: QK^T and PV products (tensor cores for fp16, FMA for fp32); fp32_flops: other math that
+    grows with the work (on-the-fly pooling); exps: softmax exponentials; hbm_bytes: q, k, v, out once
+    each; l2_bytes: every tile load (neighbouring programs share key tiles through L2).
+    """
+
+    mma_flops: float
+    fp32_flops: float
     exps: float
-    bytes: float
+    hbm_bytes: float
+    l2_bytes: float
 
 
 def cost_per_call(batch: int, heads: int, grid_h: int, grid_w: int, head_dim: int, radius: int,
                   down_factor: int = 0, dtype: str = "fp16", config: TileConfig | None = None) -> KernelCost:
-    """What the kernel executes: every visited tile pair costs tile^2 * D_pad MACs twice (QK^T, PV).
+    """What the kernel executes: every visited (query tile, key tile) pair costs 2 x tile^2 x D_pad MACs.
 
-    Bytes count each q, k, v, out element once (key tiles revisited by neighbouring query tiles hit L2).
+    With down_factor d every program also reads all of k and v to pool them (d^2 multiply-adds per pooled
+    element), so pooled tokens cost O(N^2 / tile) L2 traffic.
     """
     config = config or default_config(head_dim, dtype)
     block = config.tile_h * config.tile_w
     d_pad = head_dim_padded(head_dim)
-    pairs = visited_tiles(grid_h, grid_w, radius, config.tile_h, config.tile_w) * block * block
-    n = grid_h * grid_w
-    if down_factor:
-        pooled = (grid_h // down_factor) * (grid_w // down_factor)
-        q_tiles = launch_grid(1, 1, grid_h, grid_w, config)[0]
-        pairs += q_tiles * block * -(-pooled // config.block_p) * config.block_p
     element = 2 if dtype == "fp16" else 4
+    tiles, rows, _ = launch_grid(batch, heads, grid_h, grid_w, config)
+    programs = tiles * rows
+    tile_pairs = visited_tiles(grid_h, grid_w, radius, config.tile_h, config.tile_w) * rows
+    pairs = tile_pairs * block * block
+    loaded_rows = programs * block * 2 + tile_pairs * block * 2  # q + out, then k + v per visited tile
+    pooling = 0.0
+    if down_factor:
+        pooled = -(-((grid_h // down_factor) * (grid_w // down_factor)) // config.block_p) * config.block_p
+        pairs += programs * block * pooled
+        loaded_rows += programs * pooled * down_factor**2 * 2
+        pooling = 2.0 * programs * pooled * down_factor**2 * 2 * d_pad
     return KernelCost(
-        flops=4.0 * batch * heads * pairs * d_pad,
-        exps=float(batch * heads * pairs),
-        bytes=4.0 * batch * heads * n * head_dim * element,
+        mma_flops=4.0 * pairs * d_pad,
+        fp32_flops=pooling,
+        exps=float(pairs),
+        hbm_bytes=4.0 * rows * grid_h * grid_w * head_dim * element,
+        l2_bytes=float(loaded_rows * d_pad * element),
     )
-
