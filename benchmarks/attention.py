@@ -59,62 +59,62 @@ def _qkv(grid: int, library: str):
     return dict(zip(("q", "k", "v"), arrays))
 
 
-def export_ops(cases: list[list], out_dir: str) -> dict:
-    """Worker: export each (kind, grid) op to out_dir/<kind>_<grid>.onnx; per case "ok" or the reason it failed."""
+def torch_ops(cases: list[list], out_dir: str, threads: int, warmup: int, repeats: int, slow_case: str) -> dict:
+    """Worker: time each (kind, grid) op in torch eager, then export it to out_dir/<kind>_<grid>.onnx.
+
+    Per case: the timing (or why it failed) and the exported path (or why the export failed).
+    """
     import onnx
     import torch
 
     import dit_ops
 
+    torch.set_num_threads(threads)
     table = dit_ops.translation_table()
-    done = {}
+    timed, exported = {}, {}
     for kind, grid in cases:
-        path = Path(out_dir) / f"{kind}_{grid}.onnx"
+        case = f"{kind}_{grid}"
+        module, (q, k, v) = _module(kind, grid), _qkv(grid, "torch")
+        runs = (1, min(repeats, 3)) if case == slow_case else (warmup, repeats)
         try:
             with torch.inference_mode():
-                program = torch.onnx.export(_module(kind, grid), tuple(_qkv(grid, "torch")), dynamo=True, opset_version=20,
+                timed[case] = time_call(lambda: module(q, k, v), *runs) | {"status": "ok"}
+        except Exception as error:  # one failing case must not hide the others
+            timed[case] = {"status": f"unavailable: {type(error).__name__}: {str(error)[:200]}"}
+        try:
+            with torch.inference_mode():
+                program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=20,
                                             input_names=["q", "k", "v"], output_names=["out"],
                                             custom_translation_table=table, verbose=False)
             model = dit_ops.attach_functions(program.model_proto)
+            path = Path(out_dir) / f"{case}.onnx"
             onnx.save(model, path)
-            done[f"{kind}_{grid}"] = {"status": "ok", "path": str(path),
-                                      "ops": sorted({node.op_type for node in model.graph.node})}
-        except Exception as error:  # one failing case must not hide the others
-            done[f"{kind}_{grid}"] = {"status": f"unavailable: export failed: {type(error).__name__}: {str(error)[:200]}"}
-    return {"cases": done}
+            exported[case] = {"status": "ok", "path": str(path), "ops": sorted({n.op_type for n in model.graph.node})}
+        except Exception as error:
+            exported[case] = {"status": f"unavailable: export failed: {type(error).__name__}: {str(error)[:200]}"}
+    return {"timed": timed, "exported": exported}
 
 
-def ort_op(paths: dict, threads: int, warmup: int, repeats: int, slow_case: str | None = None,
-           profile_dir: str | None = None) -> dict:
+def ort_ops(paths: dict, threads: int, warmup: int, repeats: int, slow_case: str,
+            profile_dir: str | None = None) -> dict:
     """Worker (torch-free): median run of each exported single-op model; `slow_case` gets fewer repeats."""
-    results = {}
+    timed = {}
     for case, path in paths.items():
         grid = int(case.rsplit("_", 1)[1])
         profile = str(Path(profile_dir) / f"attention_ort_{case}.txt") if profile_dir else None
-        session = ort_session(path, threads, str(Path(profile).with_suffix("")) if profile else None)
         runs = (1, min(repeats, 3)) if case == slow_case else (warmup, repeats)
-        results[case] = timed_ort_run(session, _qkv(grid, "onnxruntime"), *runs, profile)
-        del session
-    return {"cases": results}
-
-
-def torch_op(kind: str, grids: list[int], threads: int, warmup: int, repeats: int, slow_case: str | None = None) -> dict:
-    """Worker: median eager call of the op per grid (SDPA for full, the dit_ops eager paths otherwise)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    results = {}
-    for grid in grids:
-        module, (q, k, v) = _module(kind, grid), _qkv(grid, "torch")
-        runs = (1, min(repeats, 3)) if f"{kind}_{grid}" == slow_case else (warmup, repeats)
-        with torch.inference_mode():
-            results[f"{kind}_{grid}"] = time_call(lambda: module(q, k, v), *runs)
-    return {"cases": results}
+        try:
+            session = ort_session(path, threads, str(Path(profile).with_suffix("")) if profile else None)
+            timed[case] = timed_ort_run(session, _qkv(grid, "onnxruntime"), *runs, profile) | {"status": "ok"}
+            del session  # full attention at 128^2 holds GiBs of buffers
+        except Exception as error:
+            timed[case] = {"status": f"unavailable: {type(error).__name__}: {str(error)[:200]}"}
+    return {"timed": timed}
 
 
 def _summary(rows: list[dict], grids: tuple[int, ...]) -> dict:
     """Fitted exponents per (backend, kind) and the full / local_r8 ratio at the largest grid."""
-    fit_grids = [g for g in grids if g >= FIT_FROM] if not all(g < FIT_FROM for g in grids) else list(grids)
+    fit_grids = [g for g in grids if g >= FIT_FROM] or list(grids)  # quick grids are all below FIT_FROM
     summary: dict = {"fit_grids": fit_grids, "exponent": {}, "full_over_local_r8": {}}
     for backend in ("ort", "torch"):
         timed = {(row["kind"], row["grid"]): row["median_ms"] for row in rows if row["backend"] == backend and ok(row)}
@@ -135,31 +135,24 @@ def run(settings: Settings) -> dict:
     out_dir = settings.workdir / "attention"
     out_dir.mkdir(exist_ok=True)
     cases = [[kind, grid] for kind in KINDS for grid in grids]
-    exported = run_worker(settings, "benchmarks.attention:export_ops", {"cases": cases, "out_dir": str(out_dir)},
-                          label="attention_export")
-    exports = exported.get("cases", {})
-    profile_dir = settings.profile_dir
+    timing = {"threads": settings.threads, **settings.timing(), "slow_case": slow_case}
+    in_torch = run_worker(settings, "benchmarks.attention:torch_ops", {"cases": cases, "out_dir": str(out_dir), **timing},
+                          label="attention_torch")
+    exports = in_torch.get("exported", {})
+    paths = {case: entry["path"] for case, entry in exports.items() if ok(entry)}
+    in_ort = run_worker(settings, "benchmarks.attention:ort_ops",
+                        {"paths": paths, **timing, "profile_dir": str(settings.profile_dir) if settings.profile_dir else None},
+                        label="attention_ort") if paths else {"status": "unavailable: no single-op model exported"}
     rows = []
-    for kind in KINDS:
-        paths = {f"{kind}_{g}": exports[f"{kind}_{g}"]["path"] for g in grids if ok(exports.get(f"{kind}_{g}", {}))}
-        measured = {
-            "ort": run_worker(settings, "benchmarks.attention:ort_op",
-                              {"paths": paths, "threads": settings.threads, **settings.timing(), "slow_case": slow_case,
-                               "profile_dir": str(profile_dir) if profile_dir else None},
-                              label=f"attention_ort_{kind}") if paths else {"status": "unavailable: nothing exported"},
-            "torch": run_worker(settings, "benchmarks.attention:torch_op",
-                                {"kind": kind, "grids": list(grids), "threads": settings.threads, **settings.timing(),
-                                 "slow_case": slow_case}, label=f"attention_torch_{kind}"),
-        }
-        for backend, result in measured.items():
-            for grid in grids:
-                case = f"{kind}_{grid}"
-                if not ok(result):
-                    row = {"status": result["status"]}
-                elif case in result["cases"]:
-                    row = dict(result["cases"][case], status="ok")
-                else:
-                    row = {"status": exports.get(case, {}).get("status", exported["status"])}
-                rows.append(row | {"kind": kind, "backend": backend, "grid": grid, "tokens": grid * grid})
+    for backend, result in (("ort", in_ort), ("torch", in_torch)):
+        for kind, grid in cases:
+            case = f"{kind}_{grid}"
+            if not ok(result):
+                row = {"status": result["status"]}
+            elif case in result["timed"]:
+                row = result["timed"][case]
+            else:  # ORT cases without a model: say why the export failed
+                row = {"status": exports.get(case, {}).get("status", "not measured")}
+            rows.append(row | {"kind": kind, "backend": backend, "grid": grid, "tokens": grid * grid})
     return {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "grids": list(grids), "rows": rows,
             "exports": exports, "summary": _summary(rows, grids)}

@@ -24,7 +24,9 @@ PLUGIN_MODULES = (
     "dit_ops.downsampled_attention.trt_plugin",
     "dit_ops.local_window_attention.trt_plugin",
 )
-INSTALL_HINT = "install it on a machine with an NVIDIA GPU: pip install 'dit-edge[tensorrt]' (see docs/gpu_deployment.md)"
+INSTALL_HINT = (
+    "install it on a machine with an NVIDIA GPU: pip install 'dit-edge[tensorrt]' (see docs/gpu_deployment.md)"
+)
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -74,9 +76,8 @@ def probe() -> TensorRTStatus:
     version = getattr(trt, "__version__", "0")
     if parse_version(version) < MIN_VERSION:
         wanted = ".".join(map(str, MIN_VERSION))
-        return TensorRTStatus(
-            False, version, f"TensorRT {version} is too old: >= {wanted} is needed for AOT Python plugins; {INSTALL_HINT}"
-        )
+        reason = f"TensorRT {version} is too old: >= {wanted} is needed for AOT Python plugins; {INSTALL_HINT}"
+        return TensorRTStatus(False, version, reason)
     try:
         builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     except (TypeError, RuntimeError) as err:  # pybind "factory function returned nullptr" without CUDA

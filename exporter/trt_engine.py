@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from dit_ops import DOMAIN, PLUGIN_NAMESPACE
-from dit_ops.tensorrt_probe import load_tensorrt_plugins, require_tensorrt
+from dit_ops.tensorrt_probe import load_tensorrt_plugins, probe, require_tensorrt
 
 __all__ = ["batch_profile", "plugin_nodes", "build_engine"]
 
@@ -31,7 +31,9 @@ def _load_graph(onnx_path: str | Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
-def batch_profile(onnx_path: str | Path, min_batch: int, opt_batch: int, max_batch: int) -> dict[str, tuple[Shape, Shape, Shape]]:
+def batch_profile(
+    onnx_path: str | Path, min_batch: int, opt_batch: int, max_batch: int,
+) -> dict[str, tuple[Shape, Shape, Shape]]:
     """{input name: (min, opt, max) shape}: dim 0 takes the batch sizes, the other dims must be static."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
@@ -63,7 +65,7 @@ def plugin_nodes(onnx_path: str | Path) -> dict[str, int]:
     for node in nodes:
         if node.domain != DOMAIN:
             continue
-        namespace = {a.name: a.s.decode() for a in node.attribute if a.name == "plugin_namespace"}.get("plugin_namespace")
+        namespace = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), None)
         if namespace != PLUGIN_NAMESPACE:
             raise ValueError(
                 f"node {node.name!r} ({node.domain}::{node.op_type}) has plugin_namespace={namespace!r}, "
@@ -93,8 +95,6 @@ def build_engine(
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Profile
     from polygraphy.backend.trt import util as trt_util
 
-    from dit_ops.tensorrt_probe import probe
-
     def network():
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
         if not probe().strongly_typed_only:
@@ -112,7 +112,9 @@ def build_engine(
         shapes.add(name, min=lo, opt=opt, max=hi)
     config = CreateConfig(
         profiles=[shapes],
-        memory_pool_limits=None if workspace_gib is None else {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 2**30)},
+        memory_pool_limits=(
+            None if workspace_gib is None else {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 2**30)}
+        ),
         builder_optimization_level=optimization_level,
         load_timing_cache=None if timing_cache is None else str(timing_cache),
     )

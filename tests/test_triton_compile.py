@@ -29,7 +29,7 @@ from dit_ops.downsampled_attention import triton_kernel as ds
 
 arch = int(sys.argv[1])
 target = GPUTarget("cuda", arch, 32)
-jobs = []
+jobs = []  # (kernel, dtype, variant, build); variant: local down_factor, or -1 = downsampled without RoPE/cosine
 for dtype in ("fp16", "fp32"):
     jobs.append(("local", dtype, 0, lambda d=dtype: lw.compile_kernel(
         d, d, 32, 16, 24, 4, 0, lw.default_config(32, d), target)))
@@ -38,6 +38,9 @@ for dtype in ("fp16", "fp32"):
 if arch == 90:  # the pooled-token path once
     jobs.append(("local", "fp16", 2, lambda: lw.compile_kernel(
         "fp16", "fp32", 32, 16, 24, 4, 2, lw.default_config(32, "fp16"), target)))
+else:  # plain q.k / sqrt(D) logits once
+    jobs.append(("downsampled", "fp16", -1, lambda: ds.compile_kernel(
+        "fp16", "fp32", 32, 16, 16, False, False, ds.default_config(32, "fp16"), target)))
 results = []
 for kernel, dtype, down, build in jobs:
     compiled = build()
@@ -81,7 +84,8 @@ def test_every_target_and_dtype_compiled(compiled):
         for arch in MAX_SHARED:
             for dtype in ("fp16", "fp32"):
                 assert (kernel, arch, dtype, 0) in built
-    assert ("local", 90, "fp16", 2) in built
+    assert ("local", 90, "fp16", 2) in built  # pooled tokens
+    assert ("downsampled", 80, "fp16", -1) in built  # no RoPE, no cosine
 
 
 def test_ptx_cubin_and_launch_metadata(compiled):

@@ -76,7 +76,8 @@ def DownsampledAttention(
     # --- RoPE2D tables (tokens, D): pair m = c // 2 rotates by col * f_{m//2} (m even) or row * f_{m//2} (m odd)
     channel = op.Range(0, dim, 1)
     pair = channel / 2
-    freq = op.Reciprocal(op.Pow(op.Constant(value_float=schema.ROPE_THETA), op.Cast((pair / 2) * 4, to=1) / op.Cast(dim, to=1)))
+    exponent = op.Cast((pair / 2) * 4, to=1) / op.Cast(dim, to=1)  # 4i / D
+    freq = op.Reciprocal(op.Pow(op.Constant(value_float=schema.ROPE_THETA), exponent))
     n = op.Range(0, op.Squeeze(tokens, [0]), 1)
     col = op.Cast(op.Unsqueeze(op.Mod(n, half_w), [1]), to=1)
     row = op.Cast(op.Unsqueeze(n / half_w, [1]), to=1)

@@ -9,7 +9,8 @@ time linear in the number of tokens, never an N x N mask.
 
 Pooled tokens (down_factor d > 0) are pooled from the first (grid_h / d) * [d > 0] patch rows and
 appended to every key window, so with d = 0 the pooled tensors are empty (zero rows) and the same graph
-is pure local attention, without control flow and without touching the logits twice. Softmax and all arithmetic run in float32; the output is cast back to q's type.
+is pure local attention, without control flow and without touching the logits twice. Softmax and all
+arithmetic run in float32; the output is cast back to q's type.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ __all__ = ["local_window_attention", "dense_local_window_attention", "pool_token
 
 
 def pool_tokens(x: Tensor, pool_weight: Tensor, grid_h: int, grid_w: int, down_factor: int) -> Tensor:
-    """(B, heads, N, D) -> (B, heads, N / d^2, D): weighted sum over each d x d patch (weight row-major in the patch)."""
+    """(B, heads, N, D) -> (B, heads, N / d^2, D): weighted sum over each d x d patch (weights row-major)."""
     b, h, _, c = x.shape
     d = down_factor
     patches = x.reshape(b, h, grid_h // d, d, grid_w // d, d, c)
@@ -29,10 +29,11 @@ def pool_tokens(x: Tensor, pool_weight: Tensor, grid_h: int, grid_w: int, down_f
 
 
 @lru_cache(maxsize=64)
-def _tile_tensors(grid_h: int, grid_w: int, radius: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tile_tensors(grid_h: int, grid_w: int, radius: int, device: torch.device) -> tuple[Tensor, ...]:
     """Query / key / output gather indices and the additive (0 / -inf) per-tile mask, cached per grid."""
     plan = schema.TilePlan.create(grid_h, grid_w, radius)
-    additive = torch.zeros(plan.mask().shape).masked_fill_(torch.from_numpy(~plan.mask()), float("-inf"))
+    inside = torch.from_numpy(plan.mask())
+    additive = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))
     return (
         torch.from_numpy(plan.query_index().reshape(-1)).to(device),
         torch.from_numpy(plan.key_index().reshape(-1)).to(device),

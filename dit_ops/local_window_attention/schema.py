@@ -137,11 +137,6 @@ class TilePlan:
         return self.tiles_h * self.tiles_w
 
     @property
-    def visited_tiles(self) -> int:
-        """Tile-sized key blocks a kernel walks to cover one window (ceil(window / tile) per axis)."""
-        return -(-self.window_h // self.tile_h) * -(-self.window_w // self.tile_w)
-
-    @property
     def tile_size(self) -> int:
         """Queries per tile (Tq)."""
         return self.tile_h * self.tile_w
@@ -183,9 +178,11 @@ class TilePlan:
     def mask(self) -> np.ndarray:
         """(num_tiles, Tq, Tk) bool: query i of a tile sees key j of its window (Euclidean disc, strict <)."""
         qy, ky, qx, kx = self.starts()
-        dy = (qy[:, None, None] + np.arange(self.tile_h)[None, :, None]) - (ky[:, None, None] + np.arange(self.window_h))
-        dx = (qx[:, None, None] + np.arange(self.tile_w)[None, :, None]) - (kx[:, None, None] + np.arange(self.window_w))
-        # (tiles_h, tile_h, window_h) and (tiles_w, tile_w, window_w) -> (tiles_h, tiles_w, tile_h, tile_w, window_h, window_w)
+        rows_q, rows_k = qy[:, None] + np.arange(self.tile_h), ky[:, None] + np.arange(self.window_h)
+        cols_q, cols_k = qx[:, None] + np.arange(self.tile_w), kx[:, None] + np.arange(self.window_w)
+        dy = rows_q[:, :, None] - rows_k[:, None, :]  # (tiles_h, tile_h, window_h)
+        dx = cols_q[:, :, None] - cols_k[:, None, :]  # (tiles_w, tile_w, window_w)
+        # -> (tiles_h, tiles_w, tile_h, tile_w, window_h, window_w)
         d2 = (dy**2)[:, None, :, None, :, None] + (dx**2)[None, :, None, :, None, :]
         return (d2 < self.radius**2).reshape(self.num_tiles, self.tile_size, self.window_size)
 

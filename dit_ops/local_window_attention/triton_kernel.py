@@ -25,8 +25,9 @@ import triton.language as tl
 from dit_ops.local_window_attention import schema
 
 __all__ = [
-    "PLUGIN_ID", "PLUGIN_ATTRIBUTES", "TileConfig", "default_config", "visited_tiles", "dense_tiles", "launch_grid", "head_dim_padded",
-    "compile_kernel", "kernel_arguments", "local_window_attention", "KernelCost", "cost_per_call",
+    "PLUGIN_ID", "PLUGIN_ATTRIBUTES", "TileConfig", "default_config", "visited_tiles", "dense_tiles",
+    "launch_grid", "head_dim_padded", "compile_kernel", "kernel_arguments", "local_window_attention",
+    "KernelCost", "cost_per_call",
 ]
 
 DTYPES = ("fp16", "fp32")  # element types the kernel is built for

@@ -1,0 +1,194 @@
+"""Parity data and `dit-parity`: Polygraphy compares ONNX Runtime (and TensorRT) against stored PyTorch outputs.
+
+The export stores Polygraphy-format inputs (batch 2: timesteps including 0 and 999, labels including
+the null label, noisy latents as a sampler would feed them) and the fp32 PyTorch outputs as RunResults
+from the runner "pytorch". `dit-parity PACKAGE` runs `polygraphy run <onnx> --onnxrt --load-inputs
+--load-outputs` per precision: fp32 passes when max |ort - torch| <= 1e-4 * max |torch| (the output's
+scale), fp16 when the cosine similarity to the fp32 PyTorch output is >= 0.999 on every iteration.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from exporter.manifest import TOLERANCES, load_manifest, validate_manifest, verify_files
+
+INPUTS_FILE = "parity/inputs.json"
+OUTPUTS_FILE = "parity/torch_outputs.json"
+RUNNER_NAME = "pytorch"
+# (t for sample 0, t for sample 1) per iteration; 0 and 999 are the ends of the schedule
+TIMESTEP_PAIRS = ((0, 999), (999, 0), (250, 750), (500, 1))
+
+
+def _alphas_cumprod(diffusion: dict) -> np.ndarray:
+    n = diffusion["num_train_timesteps"]
+    betas = np.linspace(diffusion["beta_start"], diffusion["beta_end"], n, dtype=np.float64)
+    if diffusion.get("beta_schedule") == "scaled_linear":
+        betas = np.linspace(diffusion["beta_start"] ** 0.5, diffusion["beta_end"] ** 0.5, n) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def parity_feeds(latent: tuple[int, int, int], num_classes: int, diffusion: dict, seed: int = 0) -> list[dict]:
+    """Feed dicts {x, t, y} in the graph's dtypes; x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps as in sampling."""
+    rng = np.random.default_rng(seed)
+    acp = _alphas_cumprod(diffusion)
+    feeds = []
+    for i, pair in enumerate(TIMESTEP_PAIRS):
+        t = np.minimum(np.array(pair), len(acp) - 1)
+        x0 = rng.standard_normal((2, *latent)).clip(-3, 3)
+        eps = rng.standard_normal((2, *latent))
+        a = acp[t].reshape(2, 1, 1, 1)
+        x = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+        label = int(rng.integers(0, num_classes))
+        y = [label, num_classes] if i % 2 == 0 else [num_classes, label]
+        feeds.append({"x": x.astype(np.float32), "t": t.astype(np.float32), "y": np.array(y, dtype=np.int64)})
+    return feeds
+
+
+def write_parity_data(model, feeds: list[dict], package_dir: str | Path) -> None:
+    """Save the feeds and the float32 PyTorch outputs of `model(x, t, y)` in Polygraphy's JSON formats."""
+    import torch
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import save_json
+
+    iterations = []
+    with torch.no_grad():
+        for feed in feeds:
+            out = model(torch.from_numpy(feed["x"]), torch.from_numpy(feed["t"]), torch.from_numpy(feed["y"]))
+            iterations.append(IterationResult({"out": out.float().numpy()}, runner_name=RUNNER_NAME))
+    root = Path(package_dir)
+    (root / "parity").mkdir(parents=True, exist_ok=True)
+    save_json(feeds, str(root / INPUTS_FILE))
+    results = RunResults()
+    results.append((RUNNER_NAME, iterations))
+    results.save(str(root / OUTPUTS_FILE))
+
+
+def output_scale(outputs_path: str | Path) -> dict[str, float]:
+    """max |ref| per output over all stored iterations: the scale the fp32 tolerance is relative to."""
+    from polygraphy.comparator import RunResults
+
+    results = RunResults.load(str(outputs_path))
+    scale: dict[str, float] = {}
+    for _, iterations in results.items():
+        for iteration in iterations:
+            for name, array in iteration.items():
+                scale[name] = max(scale.get(name, 0.0), float(np.abs(array).max()))
+    return scale
+
+
+def polygraphy_command(onnx_path: Path, inputs: Path, outputs: Path, precision: str, scale: dict[str, float],
+                       tolerances: dict) -> list[str]:
+    """`polygraphy run` arguments comparing ONNX Runtime with the stored PyTorch outputs."""
+    cmd = [sys.executable, "-c", "import sys; from polygraphy.tools import main; sys.exit(main())",
+           "run", str(onnx_path), "--onnxrt", "--load-inputs", str(inputs), "--load-outputs", str(outputs),
+           "--validate"]
+    if precision == "fp16":
+        threshold = tolerances.get("fp16", TOLERANCES["fp16"])["cosine_similarity"]
+        cmd += ["--compare", "cosine_similarity", "--cosine-similarity-threshold", str(threshold)]
+    else:
+        ratio = tolerances.get("fp32", TOLERANCES["fp32"])["max_abs_error_over_scale"]
+        atol = [f"{name}:{ratio * s:.6g}" for name, s in scale.items()]
+        cmd += ["--check-error-stat", "max", "--atol", *atol, "--rtol", "0"]
+    return cmd
+
+
+def run_onnxrt(package_dir: Path, manifest: dict, precision: str) -> bool:
+    parity = manifest["parity"]
+    entry = manifest["denoiser"]["precisions"][precision]
+    outputs = package_dir / parity["outputs"].get(precision, parity["outputs"]["fp32"])
+    scale = output_scale(outputs)
+    cmd = polygraphy_command(package_dir / entry["file"], package_dir / parity["inputs"], outputs, precision, scale,
+                             parity.get("tolerances", TOLERANCES))
+    typer.echo(f"== {precision}: ONNX Runtime vs PyTorch ({entry['file']}); output scale "
+               + ", ".join(f"{k}={v:.4g}" for k, v in scale.items()))
+    proc = subprocess.run(cmd, cwd=package_dir, capture_output=True, text=True)
+    typer.echo(proc.stdout + proc.stderr)
+    return proc.returncode == 0
+
+
+def run_tensorrt(package_dir: Path, manifest: dict, precision: str) -> bool | None:
+    """Build a TensorRT engine (exporter.trt_engine) and compare it like ONNX Runtime; None where unavailable."""
+    from dit_ops.tensorrt_probe import TensorRTUnavailable, load_tensorrt_plugins, probe
+
+    status = probe()
+    if not status.available:
+        typer.echo(f"TensorRT {precision} check skipped: {status.reason}")
+        return None
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc, CosineSimilarityCompareFunc, RunResults
+    from polygraphy.json import load_json
+
+    from exporter.trt_engine import build_engine
+
+    parity = manifest["parity"]
+    entry = manifest["denoiser"]["precisions"][precision]
+    outputs_path = package_dir / parity["outputs"].get(precision, parity["outputs"]["fp32"])
+    feeds = load_json(str(package_dir / parity["inputs"]))
+    batch = max(len(feed["x"]) for feed in feeds)
+    engine_path = package_dir / "engines" / f"denoiser.{precision}.plan"
+    try:
+        load_tensorrt_plugins()
+        build_engine(package_dir / entry["file"], engine_path, min_batch=1, opt_batch=batch, max_batch=batch)
+    except TensorRTUnavailable as err:
+        typer.echo(f"TensorRT {precision} check skipped: {err}")
+        return None
+    tolerances = parity.get("tolerances", TOLERANCES)
+    if precision == "fp16":
+        compare = CosineSimilarityCompareFunc(
+            cosine_similarity_threshold=tolerances.get("fp16", TOLERANCES["fp16"])["cosine_similarity"])
+    else:
+        ratio = tolerances.get("fp32", TOLERANCES["fp32"])["max_abs_error_over_scale"]
+        compare = CompareFunc.simple(
+            atol={k: ratio * v for k, v in output_scale(outputs_path).items()}, rtol=0.0, check_error_stat="max")
+    typer.echo(f"== {precision}: TensorRT {status.version} vs PyTorch ({engine_path.name})")
+    runner = TrtRunner(EngineFromBytes(engine_path.read_bytes()))
+    results = Comparator.run([runner], data_loader=feeds)
+    results.extend(RunResults.load(str(outputs_path)))
+    return bool(Comparator.compare_accuracy(results, compare_func=compare))
+
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+
+
+@app.command()
+def main(
+    package: Path = typer.Argument(..., help="package directory written by dit-export"),
+    precision: str = typer.Option("all", help="fp32, fp16 or all (every precision the package has)"),
+    trt: bool = typer.Option(False, "--trt", help="also build a TensorRT engine and compare (needs TensorRT + GPU)"),
+) -> None:
+    """Compare the package's ONNX denoisers with its stored PyTorch outputs; exit 1 beyond tolerance."""
+    manifest = load_manifest(package)
+    validate_manifest(manifest)
+    available = [p for p in ("fp32", "fp16") if p in manifest["denoiser"]["precisions"]]
+    if precision == "all":
+        chosen = available
+    elif precision in ("fp32", "fp16"):
+        if precision not in available:
+            raise typer.BadParameter(f"package has no {precision} denoiser; it has {', '.join(available)}",
+                                     param_hint="--precision")
+        chosen = [precision]
+    else:
+        raise typer.BadParameter(f"{precision!r}: valid choices are fp32, fp16, all", param_hint="--precision")
+    if manifest.get("parity") is None:
+        typer.echo("package has no parity data", err=True)
+        raise typer.Exit(2)
+    bad = verify_files(package, manifest)
+    if bad:
+        typer.echo("package files do not match manifest.json:\n  " + "\n  ".join(bad), err=True)
+        raise typer.Exit(1)
+    verdicts = {}
+    for p in chosen:
+        verdicts[f"onnxrt {p}"] = run_onnxrt(package, manifest, p)
+        if trt:
+            result = run_tensorrt(package, manifest, p)
+            if result is not None:
+                verdicts[f"tensorrt {p}"] = result
+    for name, ok in verdicts.items():
+        typer.echo(f"{name}: {'PASSED' if ok else 'FAILED'}")
+    if not all(verdicts.values()):
+        raise typer.Exit(1)

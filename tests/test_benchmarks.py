@@ -1,0 +1,150 @@
+"""The benchmark harness: `python -m benchmarks --quick` writes valid JSON, Markdown and PNG files.
+
+The numbers are not asserted (CI machines differ, and quick mode uses tiny models); what is checked is
+that every section runs end to end, that a missing piece becomes an "unavailable: reason" row instead of
+a crash, and that the harness's own arithmetic (medians, exponent fit, target checks) is right.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.harness import Settings, fit_exponent, ort_session, run_process, run_worker, time_call, timed_ort_run
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results, markdown = out / "results", out / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(results), "--markdown", str(markdown),
+         "--workdir", str(out / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return results, markdown, proc.stdout
+
+
+def test_quick_run_writes_every_section(quick_run):
+    results, _, _ = quick_run
+    for name in report.SECTIONS:
+        data = json.loads((results / f"{name}.json").read_text())
+        assert data["section"] == name
+        assert data["meta"]["quick"] is True and data["meta"]["threads"] >= 1
+        rows = data.get("rows") or data.get("train") or [data["export"]]
+        for row in rows:
+            status = row["status"]
+            assert status == "ok" or status.split(":")[0] in ("unavailable", "skipped", "n/a"), status
+            if status == "ok" and "median_ms" in row:
+                assert row["median_ms"] > 0 and len(row["runs_ms"]) == row["repeats"]
+
+
+def test_quick_run_measures_what_needs_no_other_package(quick_run):
+    """GEMM, torch eager, the peer export and the attention ops depend only on finished parts."""
+    results, _, _ = quick_run
+    gemm = json.loads((results / "gemm.json").read_text())
+    assert gemm["ceiling_gflops"] > 0
+    denoiser = json.loads((results / "denoiser.json").read_text())
+    eager = [r for r in denoiser["rows"] if r["backend"] == "torch_eager"]
+    assert eager and all(r["status"] == "ok" and r["gflops"] > 0 for r in eager)
+    attention = json.loads((results / "attention.json").read_text())
+    exported = attention["exports"]
+    assert exported["local_r8_16"]["ops"] == ["LocalWindowAttention"]
+    assert exported["downsampled_16"]["ops"] == ["DownsampledAttention"]
+    assert "ort_local_r8" in attention["summary"]["exponent"]
+
+
+def test_quick_run_writes_markdown_plots_and_targets(quick_run):
+    results, markdown, stdout = quick_run
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks") and "## Targets" in text and "Quick mode" in text
+    plots = sorted(results.glob("*.png"))
+    assert {p.name for p in plots} >= {"attention_scaling.png", "step_latency.png"}
+    for plot in plots:
+        assert plot.read_bytes()[:8] == PNG_MAGIC
+        assert f"]({plot.relative_to(markdown.parent).as_posix()})" in text
+    targets = json.loads((results / "targets.json").read_text())
+    assert len(targets) == 13
+    for target in targets:
+        assert target["status"] in ("pass", "fail") or target["status"].startswith("unavailable"), target
+    assert "| target | required | measured | result |" in stdout
+
+
+def test_unknown_section_is_refused_with_the_valid_choices():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "gemm,warp"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "warp" in proc.stderr and "export_train" in proc.stderr
+
+
+def test_time_call_and_exponent_fit():
+    calls = []
+    timing = time_call(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and len(timing["runs_ms"]) == 5
+    assert timing["min_ms"] <= timing["median_ms"]
+    sizes = [1024, 4096, 16384]
+    assert fit_exponent(sizes, [3e-6 * n**1.5 for n in sizes]) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="repeats"):
+        time_call(lambda: None, 0, 0)
+
+
+def test_worker_failures_become_unavailable_rows(tmp_path):
+    settings = Settings(quick=True, threads=1, workdir=tmp_path)
+    missing = run_worker(settings, "benchmarks.no_such_module:f", {}, label="missing")
+    assert missing["status"].startswith("unavailable: ModuleNotFoundError")
+    slow = run_process([sys.executable, "-c", "import time; time.sleep(30)"], settings, label="slow", timeout=1)
+    assert slow["status"] == "timeout after 1 s" and slow["wall_s"] < 20
+    probe = run_worker(settings, "benchmarks.gemm:numpy_gemm", {"n": 64, "threads": 1, "warmup": 0, "repeats": 2},
+                       label="probe")
+    assert probe["status"] == "ok" and probe["process"]["peak_rss_mb"] > 1
+
+
+def test_ort_profile_summary_counts_runs_and_op_types(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "a"], ["b"]), helper.make_node("Relu", ["b"], ["c"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [64, 64])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    summary_path = tmp_path / "profile.txt"
+    session = ort_session(str(path), 1, str(tmp_path / "trace"))
+    timed_ort_run(session, {"a": np.ones((64, 64), np.float32)}, 1, 2, str(summary_path))
+    text = summary_path.read_text()
+    assert "over 3 run(s)" in text and "MatMul" in text and "Relu" in text  # 1 warm-up + 2 timed
+
+
+def _section(name: str, **data) -> dict:
+    return {"section": name, "meta": {"quick": False}, **data}
+
+
+def test_targets_pass_fail_and_unavailable():
+    ok = lambda ms, **extra: {"status": "ok", "median_ms": ms, **extra}  # noqa: E731
+    sections = {
+        "gemm": _section("gemm", ceiling_gflops=100.0),
+        "denoiser": _section("denoiser", models=["dit_s_2", "udit_s"], rows=[
+            {"model": "dit_s_2", "backend": "torch_eager", **ok(150.0)},
+            {"model": "dit_s_2", "backend": "ort_fp32", **ok(100.0, gflops=90.0)},
+            {"model": "dit_s_2", "backend": "peer_diffusers_ort", **ok(95.0)},
+            {"model": "dit_s_2", "backend": "ort_int8", **ok(40.0)},
+            {"model": "udit_s", "backend": "ort_fp32", **ok(120.0)},
+            {"model": "udit_s", "backend": "ort_int8", "status": "unavailable: no calibration"},
+        ]),
+    }
+    by_name = {t["target"]: t for t in report.evaluate_targets(sections)}
+    assert by_name["ORT fp32 dit_s_2 step vs fp32 GEMM ceiling"]["status"] == "pass"  # 90%
+    assert by_name["ORT fp32 dit_s_2 speed-up over torch eager"]["status"] == "pass"  # 1.5x
+    assert by_name["ORT fp32 dit_s_2 speed vs diffusers peer export (peer time / ours)"]["status"] == "fail"  # 0.95x
+    assert by_name["ORT int8 dit_s_2 speed-up over ORT fp32"]["status"] == "pass"  # 2.5x
+    assert by_name["ORT int8 udit_s speed-up over ORT fp32"]["status"] == "unavailable: no calibration"
+    assert by_name["ORT fp32 udit_s step / dit_s_2 step"]["status"] == "pass"  # 1.2x
+    assert by_name["`import runtime` time (torch-free)"]["status"].startswith("unavailable")
