@@ -69,10 +69,11 @@ def main(
         profile_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(quick=quick, threads=threads, workdir=workdir.resolve(), repeats=repeats or (2 if quick else 5),
                         profile_dir=profile_dir, compile_timeout=compile_timeout)
-    meta = report.run_meta(quick, threads, cpu_description())
+    cpu = cpu_description()
     modules = _section_modules()
     try:
         for name in sections:
+            meta = report.run_meta(quick, threads, cpu)
             start = time.perf_counter()
             typer.echo(f"[benchmarks] {name} ...", err=True)
             data = modules[name].run(settings)

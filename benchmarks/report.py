@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -42,8 +43,8 @@ def load_sections(results_dir: Path) -> dict[str, dict]:
 
 def run_meta(quick: bool, threads: int, cpu: dict) -> dict:
     """Mode, threads, CPU and library versions (read from package metadata: no heavy imports)."""
-    from importlib import metadata
     import platform
+    from importlib import metadata
 
     versions = {}
     for package in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "diffusers", "dit-edge"):
@@ -52,7 +53,8 @@ def run_meta(quick: bool, threads: int, cpu: dict) -> dict:
         except metadata.PackageNotFoundError:
             pass
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick, "threads": threads,
-            "cpu": cpu, "python": platform.python_version(), "versions": versions}
+            "cpu": cpu, "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
+            "versions": versions}
 
 
 # --------------------------------------------------------------------------------------------- lookups
@@ -131,20 +133,21 @@ def evaluate_targets(sections: dict) -> list[dict]:
     attention = sections.get("attention", {}).get("summary", {})
     exponent = attention.get("exponent", {}).get("ort_local_r8")
     grids = attention.get("fit_grids", [])
-    span = f"{grids[0]}^2..{grids[-1]}^2" if grids else "?"
-    targets.append(_target(f"ORT local-window r8 scaling exponent over {span} tokens", "<= 1.15",
+    span = f" over {grids[0]}^2..{grids[-1]}^2 tokens" if grids else ""
+    targets.append(_target(f"ORT local-window r8 scaling exponent{span}", "<= 1.15",
                            lambda v: v <= 1.15, exponent, f"{exponent:.2f}" if exponent is not None else "",
                            "attention section missing or incomplete"))
     speedup = attention.get("full_over_local_r8", {}).get("ort")
-    largest = attention.get("largest_grid", "?")
-    targets.append(_target(f"ORT local-window r8 speed-up over full attention at {largest}^2 tokens", ">= 10x",
+    largest = f" at {attention['largest_grid']}^2 tokens" if "largest_grid" in attention else ""
+    targets.append(_target(f"ORT local-window r8 speed-up over full attention{largest}", ">= 10x",
                            lambda v: v >= 10, speedup, f"{speedup:.1f}x" if speedup is not None else "",
                            "attention section missing or incomplete"))
 
     sampling = sections.get("sampling", {})
     rows = {row.get("implementation", "").split()[0]: row for row in sampling.get("rows", [])}
     runtime, pipeline = rows.get("runtime.Sampler"), rows.get("diffusers")
-    targets.append(_ratio_target("runtime.Sampler speed-up over DiTPipeline (20 dpm++2m steps, CFG)", ">= 1.5x",
+    steps = sampling.get("steps", 20)
+    targets.append(_ratio_target(f"runtime.Sampler speed-up over DiTPipeline ({steps} dpm++2m steps, CFG)", ">= 1.5x",
                                  lambda v: v >= 1.5, pipeline, runtime))
     targets.append(_ratio_target("runtime.Sampler peak RSS / DiTPipeline peak RSS", "<= 0.5", lambda v: v <= 0.5,
                                  runtime, pipeline, key="peak_rss_mb", fmt="{:.2f}"))
@@ -339,9 +342,11 @@ def markdown(sections: dict, targets: list[dict], plots: list[Path], markdown_pa
         cpu = meta["cpu"]
         versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         lines += [f"Machine: {cpu['model']}, {cpu['logical_cores']} logical cores, ISA {' '.join(cpu['isa'])}; "
-                  f"{meta['threads']} threads; Python {meta['python']}; {versions}.", ""]
-    lines += ["Sections and when they were measured: "
-              + ", ".join(f"{name} ({section['meta']['date']})" for name, section in sections.items()), "",
+                  f"{meta['threads']} threads (a 1-minute load average near or above the core count inflates the "
+                  f"numbers, torch's most); Python {meta['python']}; {versions}.", ""]
+    lines += ["Sections, when they were measured and the load average then: "
+              + ", ".join(f"{name} ({section['meta']['date']}, load {section['meta'].get('load_average_1min', 0):.1f})"
+                          for name, section in sections.items()), "",
               "## Targets", "", targets_table(targets), ""]
     gemm = sections.get("gemm")
     if gemm:

@@ -14,7 +14,7 @@ import time
 from benchmarks.harness import Settings, ok, run_process, run_worker, time_call
 from benchmarks.packages import dit_export_command
 
-STEPS = 20
+STEPS = {False: 20, True: 5}  # by --quick
 GUIDANCE = 4.0
 LABELS = [207]  # one image: its CFG pair is the batch-2 step of the denoiser table
 IMPORT_PROBE = ("import json, sys, time; start = time.perf_counter(); import runtime; "
@@ -124,7 +124,8 @@ def run(settings: Settings) -> dict:
     if not (pipeline_dir / "model_index.json").exists():
         built = run_worker(settings, "benchmarks.sampling:build_pipeline",
                            {"out_dir": str(pipeline_dir), "quick": settings.quick}, label="sampling_build_pipeline")
-    common = {"labels": LABELS, "steps": STEPS, "guidance_scale": GUIDANCE, "threads": settings.threads,
+    steps = STEPS[settings.quick]
+    common = {"labels": LABELS, "steps": steps, "guidance_scale": GUIDANCE, "threads": settings.threads,
               "repeats": settings.repeats}
     rows = []
     exported: dict = {"status": "unavailable: no pipeline"}
@@ -150,6 +151,6 @@ def run(settings: Settings) -> dict:
     for row in rows:
         if ok(row):
             row["peak_rss_mb"] = row["process"]["peak_rss_mb"]
-    return {"steps": STEPS, "scheduler": "dpm++2m", "guidance_scale": GUIDANCE, "labels": LABELS,
+    return {"steps": steps, "scheduler": "dpm++2m", "guidance_scale": GUIDANCE, "labels": LABELS,
             "pipeline": {k: v for k, v in built.items() if k != "process"}, "rows": rows,
             "import_runtime": import_runtime_time(settings)}

@@ -41,6 +41,13 @@ def hash_files(package_dir: str | Path) -> dict[str, str]:
     }
 
 
+def default_mode(mode: int) -> int:
+    """`mode` masked by the process umask (mkstemp / mkdtemp create private 0600 / 0700 entries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON through a temporary file in the same directory, then rename over the target."""
     path = Path(path)
@@ -49,6 +56,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, default_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

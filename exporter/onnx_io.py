@@ -6,6 +6,7 @@ the only form onnx.checker accepts for such models.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def export_module(
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
         dynamic_shapes = {name: {0: batch} for name in input_names}
+    # torch logs one warning per optional torchvision op it cannot register: noise for our models
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         # torch warns that the shared "batch" name is reused for every input: that is the intent
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")

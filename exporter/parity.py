@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,12 @@ def polygraphy_command(onnx_path: Path, inputs: Path, outputs: Path, precision: 
     return cmd
 
 
-def run_onnxrt(package_dir: Path, manifest: dict, precision: str) -> bool:
+# Polygraphy lines worth showing without --verbose: per-iteration error statistics and verdicts.
+_SUMMARY_MARKERS = ("Iteration:", "Minimum Required Tolerance", "Absolute Difference", "Cosine Similarity:",
+                    "FAILED", "is not valid", "Accuracy Summary", "PASSED | Runtime", "Error", "error")
+
+
+def run_onnxrt(package_dir: Path, manifest: dict, precision: str, verbose: bool = False) -> bool:
     parity = manifest["parity"]
     entry = manifest["denoiser"]["precisions"][precision]
     outputs = package_dir / parity["outputs"].get(precision, parity["outputs"]["fp32"])
@@ -107,7 +113,10 @@ def run_onnxrt(package_dir: Path, manifest: dict, precision: str) -> bool:
     typer.echo(f"== {precision}: ONNX Runtime vs PyTorch ({entry['file']}); output scale "
                + ", ".join(f"{k}={v:.4g}" for k, v in scale.items()))
     proc = subprocess.run(cmd, cwd=package_dir, capture_output=True, text=True)
-    typer.echo(proc.stdout + proc.stderr)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    if not verbose:
+        lines = [line for line in lines if any(marker in line for marker in _SUMMARY_MARKERS)]
+    typer.echo("\n".join(lines))
     return proc.returncode == 0
 
 
@@ -130,13 +139,15 @@ def run_tensorrt(package_dir: Path, manifest: dict, precision: str) -> bool | No
     outputs_path = package_dir / parity["outputs"].get(precision, parity["outputs"]["fp32"])
     feeds = load_json(str(package_dir / parity["inputs"]))
     batch = max(len(feed["x"]) for feed in feeds)
-    engine_path = package_dir / "engines" / f"denoiser.{precision}.plan"
-    try:
-        load_tensorrt_plugins()
-        build_engine(package_dir / entry["file"], engine_path, min_batch=1, opt_batch=batch, max_batch=batch)
-    except TensorRTUnavailable as err:
-        typer.echo(f"TensorRT {precision} check skipped: {err}")
-        return None
+    with tempfile.TemporaryDirectory() as tmp:  # engines are GPU-specific: never stored in the package
+        engine_path = Path(tmp) / f"denoiser.{precision}.plan"
+        try:
+            load_tensorrt_plugins()
+            build_engine(package_dir / entry["file"], engine_path, min_batch=1, opt_batch=batch, max_batch=batch)
+        except TensorRTUnavailable as err:
+            typer.echo(f"TensorRT {precision} check skipped: {err}")
+            return None
+        engine = engine_path.read_bytes()
     tolerances = parity.get("tolerances", TOLERANCES)
     if precision == "fp16":
         compare = CosineSimilarityCompareFunc(
@@ -145,8 +156,8 @@ def run_tensorrt(package_dir: Path, manifest: dict, precision: str) -> bool | No
         ratio = tolerances.get("fp32", TOLERANCES["fp32"])["max_abs_error_over_scale"]
         compare = CompareFunc.simple(
             atol={k: ratio * v for k, v in output_scale(outputs_path).items()}, rtol=0.0, check_error_stat="max")
-    typer.echo(f"== {precision}: TensorRT {status.version} vs PyTorch ({engine_path.name})")
-    runner = TrtRunner(EngineFromBytes(engine_path.read_bytes()))
+    typer.echo(f"== {precision}: TensorRT {status.version} vs PyTorch ({entry['file']})")
+    runner = TrtRunner(EngineFromBytes(engine))
     results = Comparator.run([runner], data_loader=feeds)
     results.extend(RunResults.load(str(outputs_path)))
     return bool(Comparator.compare_accuracy(results, compare_func=compare))
@@ -160,6 +171,7 @@ def main(
     package: Path = typer.Argument(..., help="package directory written by dit-export"),
     precision: str = typer.Option("all", help="fp32, fp16 or all (every precision the package has)"),
     trt: bool = typer.Option(False, "--trt", help="also build a TensorRT engine and compare (needs TensorRT + GPU)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Polygraphy's full log"),
 ) -> None:
     """Compare the package's ONNX denoisers with its stored PyTorch outputs; exit 1 beyond tolerance."""
     manifest = load_manifest(package)
@@ -183,7 +195,7 @@ def main(
         raise typer.Exit(1)
     verdicts = {}
     for p in chosen:
-        verdicts[f"onnxrt {p}"] = run_onnxrt(package, manifest, p)
+        verdicts[f"onnxrt {p}"] = run_onnxrt(package, manifest, p, verbose)
         if trt:
             result = run_tensorrt(package, manifest, p)
             if result is not None:

@@ -19,7 +19,7 @@ import models
 from models.linearize import ATTENTION_LAYERS, LocalWindow
 from models.official import CheckpointMismatchError, check_state_dict
 from models.udit import DownsampledAttention
-from exporter.vae import load_vae, vae_scale
+from exporter.vae import load_vae
 
 CHECKPOINT_FORMAT = "dit-edge-checkpoint"
 DEFAULT_DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
@@ -44,22 +44,7 @@ class Source:
     vae: nn.Module | None = None
     scaling_factor: float | None = None
     pixel_space: bool = False
-    image_channels: int | None = None
     scheduler: dict | None = None
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.latent[0] if self.learn_sigma else self.latent[0]
-
-    def image_shape(self) -> tuple[int, int, int] | None:
-        """(channels, height, width) of what the package turns into pictures, or None without a decoder."""
-        c, h, w = self.latent
-        if self.pixel_space:
-            return (c, h, w)
-        if self.vae is None:
-            return None
-        scale = vae_scale(self.vae)
-        return (self.vae.config.out_channels, h * scale, w * scale)
 
 
 def expected_custom_nodes(model: nn.Module) -> dict[str, int]:
@@ -109,28 +94,31 @@ def _finish(model: nn.Module) -> nn.Module:
     return models.reparameterize(model).float().eval()
 
 
-def _model_source(model: nn.Module, origin: dict, **facts) -> Source:
+def from_model(model: nn.Module, origin: dict | None = None, **facts) -> Source:
+    """Source for an in-memory dit-edge model (already fused if wanted); used by the loaders and tests."""
     return Source(
         model=model, name=model.name, config=dict(model.config), family=model.family,
         attention=dict(model.attention_config),
         latent=(model.in_channels, model.input_size, model.input_size),
         num_classes=model.num_classes, learn_sigma=model.out_channels == 2 * model.in_channels,
-        origin=origin, **facts,
+        origin=origin or {"kind": "in-memory"}, **facts,
     )
 
 
 def from_random(name: str, latent_size: int | None = None, attention: str | None = None,
-                radius: int | None = None, down_factor: int | None = None, seed: int = 0) -> Source:
+                radius: int | None = None, down_factor: int | None = None, seed: int = 0,
+                overrides: dict | None = None) -> Source:
+    """Model `name` (constructor `overrides` allowed) with seeded random weights, and a warning saying so."""
     warnings.warn(
         f"no --checkpoint given: exporting {name} with RANDOM weights (seed {seed}); the package runs but "
         "generates noise", stacklevel=2,
     )
     torch.manual_seed(seed)
-    overrides = {} if latent_size is None else {"input_size": latent_size}
+    overrides = dict(overrides or {}, **({} if latent_size is None else {"input_size": latent_size}))
     model = models.create_model(name, **overrides)
     _perturb_zero_init(model, seed)
     model = _apply_attention(model, model.attention_config, attention, radius, down_factor)
-    return _model_source(_finish(model), {"kind": "random", "seed": seed})
+    return from_model(_finish(model), {"kind": "random", "seed": seed})
 
 
 def _read_checkpoint_config(ckpt: Path) -> dict:
@@ -195,10 +183,10 @@ def from_checkpoint(path: str | Path, model_name: str | None = None, latent_size
         vae = load_vae(vae_path if vae_path.is_absolute() else ckpt / vae_path)
         facts.update(vae=vae, scaling_factor=float(vae_cfg.get("scaling_factor", vae.config.scaling_factor)))
     elif vae_cfg.get("kind", "none") == "none":
-        facts.update(pixel_space=True, image_channels=vae_cfg.get("image_channels"))
+        facts.update(pixel_space=True)
     else:
         raise ValueError(f"{ckpt}/config.json: unknown vae kind {vae_cfg.get('kind')!r}; valid kinds: diffusers, none")
-    return _model_source(_finish(model), {"kind": "checkpoint", "path": str(ckpt.resolve())}, **facts)
+    return from_model(_finish(model), {"kind": "checkpoint", "path": str(ckpt.resolve())}, **facts)
 
 
 def from_official(path: str | Path, name: str, latent_size: int | None = None, attention: str | None = None,
@@ -207,7 +195,7 @@ def from_official(path: str | Path, name: str, latent_size: int | None = None, a
     overrides = {} if latent_size is None else {"input_size": latent_size}
     model = models.load_official(name, path, **overrides)
     model = _apply_attention(model, model.attention_config, attention, radius, down_factor)
-    return _model_source(_finish(model), {"kind": "official", "path": str(Path(path).resolve())}, cfg_channels=3)
+    return from_model(_finish(model), {"kind": "official", "path": str(Path(path).resolve())}, cfg_channels=3)
 
 
 class DiffusersDenoiser(nn.Module):

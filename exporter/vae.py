@@ -41,9 +41,10 @@ def load_vae(path: str | Path) -> nn.Module:
     return AutoencoderKL.from_pretrained(path).float().eval()
 
 
-def vae_scale(vae: nn.Module) -> int:
-    """Spatial upsampling of the decoder: 2 per up block after the first (diffusers' convention)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def decoded_shape(vae: nn.Module, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(channels, height, width) of the decoded image: 2x upsampling per up block after the first."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.config.out_channels, latent_shape[1] * scale, latent_shape[2] * scale
 
 
 def export_vae_decoder(

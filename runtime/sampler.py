@@ -45,6 +45,12 @@ class Sampler:
             raise ValueError(
                 f"precision {precision!r} is not in this package; available: {', '.join(precisions)}"
             )
+        runnable_on = precisions[precision].get("runnable_on")
+        if runnable_on is not None and provider not in runnable_on:
+            raise ValueError(
+                f"precision {precision!r} runs only on provider {', '.join(runnable_on)}, not {provider!r}: "
+                f"{precisions[precision].get('note', '')}".rstrip(": ")
+            )
         verify_files(self.package_dir, manifest)
 
         self.precision = precision

@@ -4,7 +4,10 @@
 """
 
 import os
+import sys
 
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; the interpreter tests cannot run")
 os.environ["TRITON_INTERPRET"] = "1"  # same process as the interpreter tests: import the kernels the same way
 
 from dataclasses import dataclass  # noqa: E402

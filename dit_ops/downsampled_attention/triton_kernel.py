@@ -78,8 +78,8 @@ def launch_grid(batch, heads, grid_h: int, grid_w: int, config: BlockConfig) -> 
 
 @triton.jit
 def _load_group(ptr, base, a, b, row_ok, offs_d, d_ok, gi, gj, GRID_W: tl.constexpr, HEAD_DIM: tl.constexpr,
-                ROPE: tl.constexpr, NORMALIZE: tl.constexpr):
-    """Rows (a, b) of group (gi, gj) as fp32 (BLOCK, D_PAD); RoPE2D at (row a, col b) and L2 norm if asked."""
+                ROPE: tl.constexpr):
+    """Rows (a, b) of group (gi, gj) as fp32 (BLOCK, D_PAD), with RoPE2D at (row a, col b) if asked."""
     rows = ((2 * a + gi) * GRID_W + 2 * b + gj)[:, None] * HEAD_DIM
     mask = row_ok[:, None] & d_ok[None, :]
     x = tl.load(ptr + base + rows + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -93,9 +93,6 @@ def _load_group(ptr, base, a, b, row_ok, offs_d, d_ok, gi, gj, GRID_W: tl.conste
         angle = pos * freq[None, :]
         sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
         x = x * tl.cos(angle) + sign[None, :] * partner * tl.sin(angle)
-    if NORMALIZE:
-        norm = tl.sqrt(tl.sum(x * x, axis=1))
-        x = x / tl.maximum(norm, 1e-12)[:, None]
     return x
 
 
@@ -131,7 +128,10 @@ def _downsampled_attention_kernel(
     m_ok = offs_m < TOKENS
     qa = offs_m // GROUP_W
     qb = offs_m % GROUP_W
-    q = _load_group(q_ptr, base, qa, qb, m_ok, offs_d, d_ok, gi, gj, GRID_W, HEAD_DIM, ROPE, COSINE) * scale
+    q = _load_group(q_ptr, base, qa, qb, m_ok, offs_d, d_ok, gi, gj, GRID_W, HEAD_DIM, ROPE)
+    if COSINE:  # F.normalize: x / max(||x||, 1e-12)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), 1e-12)[:, None]
+    q = q * scale
     q_hi = q.to(q_ptr.dtype.element_ty)
     if SPLIT_QK:
         q_lo = (q - q_hi.to(tl.float32)).to(q_ptr.dtype.element_ty)
@@ -145,7 +145,9 @@ def _downsampled_attention_kernel(
         n_ok = idx < TOKENS
         ka = idx // GROUP_W
         kb = idx % GROUP_W
-        k = _load_group(k_ptr, base, ka, kb, n_ok, offs_d, d_ok, gi, gj, GRID_W, HEAD_DIM, ROPE, COSINE)
+        k = _load_group(k_ptr, base, ka, kb, n_ok, offs_d, d_ok, gi, gj, GRID_W, HEAD_DIM, ROPE)
+        if COSINE:
+            k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), 1e-12)[:, None]
         k_hi = k.to(k_ptr.dtype.element_ty)
         s = tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")
         if SPLIT_QK:
