@@ -92,7 +92,7 @@ def _last_error_line(log: Path) -> str:
 
 def run_process(argv: list[str], settings: Settings, label: str, timeout: float | None = None,
                 cwd: Path | None = None) -> dict:
-    """Run argv in its own session; returns wall time, peak RSS (MiB), exit status and the log path.
+    """Run argv in its own session; returns wall and CPU time, peak RSS (MiB), exit status and the log path.
 
     On timeout the whole process group is killed and `status` says so; callers turn a non-"ok" status
     into an "unavailable: ..." row.
@@ -116,8 +116,8 @@ def run_process(argv: list[str], settings: Settings, label: str, timeout: float 
             time.sleep(0.02)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    result = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode,
-              "log": str(log)}
+    result = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+              "returncode": proc.returncode, "log": str(log)}
     if timed_out:
         result["status"] = f"timeout after {timeout:.0f} s"
     elif proc.returncode != 0:
@@ -142,7 +142,7 @@ def run_worker(settings: Settings, target: str, kwargs: dict, label: str, timeou
     if process["status"] != "ok" and not str(result.get("status", "")).startswith("unavailable"):
         result["status"] = f"unavailable: {process['status']}"
     result.setdefault("status", "ok")
-    result["process"] = {key: process[key] for key in ("wall_s", "peak_rss_mb", "log")}
+    result["process"] = {key: process[key] for key in ("wall_s", "cpu_s", "peak_rss_mb", "log")}
     return result
 
 

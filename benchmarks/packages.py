@@ -43,7 +43,7 @@ def export_package(settings: Settings, model: str, fp16: bool = True, extra: tup
     result = run_process(argv, settings, label=f"export_{key}")
     row = {"status": result["status"] if result["status"] == "ok" else f"unavailable: dit-export {result['status']}",
            "command": " ".join(["dit-export", *argv[len(command):]]), "path": str(package),
-           "wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"]}
+           "wall_s": result["wall_s"], "cpu_s": result["cpu_s"], "peak_rss_mb": result["peak_rss_mb"]}
     if ok(row):
         if not (package / "manifest.json").exists():
             row["status"] = "unavailable: dit-export wrote no manifest.json"
@@ -81,7 +81,7 @@ def package_with(settings: Settings, model: str, precisions: tuple[str, ...]) ->
             result = run_process(argv, settings, label=f"calibrate_{model}")
             exports["int8"] = {"status": "ok" if result["status"] == "ok" else f"unavailable: calibration {result['status']}",
                                "command": "python -m calibration " + " ".join(argv[3:]), "wall_s": result["wall_s"],
-                               "peak_rss_mb": result["peak_rss_mb"]}
+                               "cpu_s": result["cpu_s"], "peak_rss_mb": result["peak_rss_mb"]}
         if "int8" in read_manifest(package)["denoiser"]["precisions"]:
             found["int8"] = package
     return {p: found[p] for p in precisions if p in found}, exports

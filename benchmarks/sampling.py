@@ -152,5 +152,5 @@ def run(settings: Settings) -> dict:
         if ok(row):
             row["peak_rss_mb"] = row["process"]["peak_rss_mb"]
     return {"steps": steps, "scheduler": "dpm++2m", "guidance_scale": GUIDANCE, "labels": LABELS,
-            "pipeline": {k: v for k, v in built.items() if k != "process"}, "rows": rows,
+            "pipeline": built, "export": exported, "rows": rows,
             "import_runtime": import_runtime_time(settings)}

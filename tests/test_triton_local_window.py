@@ -1,12 +1,15 @@
 """LocalWindowAttention Triton kernel under the Triton interpreter (CPU) against the dense torch definition,
-and the tile-visit count that the acceptance criterion is asserted on."""
+and the tile-visit count that the acceptance criterion is asserted on.
 
+The kernels run in a fresh interpreter with TRITON_INTERPRET=1: triton fixes interpreter or compiler mode
+when it is first imported, and other test modules import it through torch first.
+"""
+
+import json
 import os
+import subprocess
 import sys
-
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; the interpreter tests cannot run")
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: kernels run on CPU
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,26 +19,28 @@ torch = pytest.importorskip("torch")
 
 from dit_ops.local_window_attention import schema  # noqa: E402
 from dit_ops.local_window_attention import triton_kernel as tk  # noqa: E402
-from dit_ops.local_window_attention.reference import dense_local_window_attention  # noqa: E402
 
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3}
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3}
 
 CASES = [  # grid_h, grid_w, radius, down_factor, head_dim, tile (h, w), dtype
-    (7, 9, 3, 0, 24, (4, 4), torch.float32),  # odd grid, partial tiles on both borders
-    (8, 12, 2, 4, 16, (4, 4), torch.float32),  # pooled tokens
-    (5, 16, 6, 0, 20, (2, 8), torch.float32),  # non-square tiles, radius larger than the grid height
-    (1, 13, 3, 0, 16, (1, 16), torch.float32),  # a single token row
-    (9, 5, 4, 0, 24, (4, 4), torch.float16),
-    (8, 8, 3, 2, 32, (4, 4), torch.float16),  # pooled tokens in fp16
+    (7, 9, 3, 0, 24, (4, 4), "fp32"),  # odd grid, partial tiles on both borders
+    (8, 12, 2, 4, 16, (4, 4), "fp32"),  # pooled tokens
+    (5, 16, 6, 0, 20, (2, 8), "fp32"),  # non-square tiles, radius larger than the grid height
+    (1, 13, 3, 0, 16, (1, 16), "fp32"),  # a single token row
+    (9, 5, 4, 0, 24, (4, 4), "fp16"),
+    (8, 8, 3, 2, 32, (4, 4), "fp16"),  # pooled tokens in fp16
 ]
 
+WORKER = r"""
+import json, sys
+import torch
+from dit_ops.local_window_attention import triton_kernel as tk
+from dit_ops.local_window_attention.reference import dense_local_window_attention
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref).abs().max() / ref.abs().max())
-
-
-@pytest.mark.parametrize("grid_h, grid_w, radius, down, head_dim, tile, dtype", CASES)
-def test_kernel_matches_dense_reference(grid_h, grid_w, radius, down, head_dim, tile, dtype):
+results = []
+for grid_h, grid_w, radius, down, head_dim, tile, dtype in json.loads(sys.argv[1]):
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     torch.manual_seed(grid_h * 100 + grid_w)
     batch, heads = 1, 2
     q, k, v = (torch.randn(batch, heads, grid_h * grid_w, head_dim).to(dtype) for _ in range(3))
@@ -44,18 +49,45 @@ def test_kernel_matches_dense_reference(grid_h, grid_w, radius, down, head_dim, 
     config = tk.TileConfig(*tile, block_p=16)
     programs = tk.launch_grid(batch, heads, grid_h, grid_w, config)
     visits = torch.zeros(programs[0] * programs[1], dtype=torch.int32)
-
     out = tk.local_window_attention(q, k, v, scale, pool_weight, grid_h, grid_w, radius, down, config, visits)
     ref = dense_local_window_attention(
         q.float(), k.float(), v.float(), scale.float(), grid_h=grid_h, grid_w=grid_w, radius=radius,
         down_factor=down, pool_weight=pool_weight.float() if down else None,
     )
-    assert out.dtype == dtype
-    assert relative_error(out, ref) < TOLERANCE[dtype]
-    # every (batch, head) program row computed exactly the key tiles the counting function predicts
-    per_head = visits.view(batch * heads, programs[0]).sum(dim=1)
-    assert per_head.tolist() == [tk.visited_tiles(grid_h, grid_w, radius, *tile)] * (batch * heads)
-    assert int(visits.min()) >= 1  # a query always sees itself
+    results.append({
+        "error": float((out.float() - ref).abs().max() / ref.abs().max()),
+        "same_dtype": out.dtype == dtype,
+        "visits_per_head": visits.view(batch * heads, programs[0]).sum(dim=1).tolist(),
+        "min_visits": int(visits.min()),
+    })
+print(json.dumps(results))
+"""
+
+
+def run_interpreted(worker: str, cases: list) -> list[dict]:
+    """Run `worker` on the cases in a fresh Python with TRITON_INTERPRET=1; returns its JSON results."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", worker, json.dumps(cases)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> list[dict]:
+    return run_interpreted(WORKER, CASES)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
+def test_kernel_matches_dense_reference(interpreted, case):
+    grid_h, grid_w, radius, _, _, tile, dtype = CASES[case]
+    result = interpreted[case]
+    assert result["same_dtype"]
+    assert result["error"] < TOLERANCE[dtype]
+    # every (batch, head) row of programs computed exactly the key tiles the counting function predicts
+    assert result["visits_per_head"] == [tk.visited_tiles(grid_h, grid_w, radius, *tile)] * 2
+    assert result["min_visits"] >= 1  # a query always sees itself
 
 
 def brute_force_visited(grid_h: int, grid_w: int, radius: int, tile_h: int, tile_w: int) -> int:

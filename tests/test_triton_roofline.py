@@ -3,17 +3,10 @@
 `python -m tests.test_triton_roofline` prints the table; the test below fails when the doc drifts from it.
 """
 
-import os
-import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; the interpreter tests cannot run")
-os.environ["TRITON_INTERPRET"] = "1"  # same process as the interpreter tests: import the kernels the same way
-
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 

@@ -104,6 +104,18 @@ def test_plugin_signatures_follow_the_op_schema(path):
 
 
 @pytest.mark.parametrize("path", PLUGINS)
+def test_plugin_annotations_are_real_types(path):
+    """tensorrt.plugin tells tensors from attributes by their annotations: they must not be strings."""
+    tree = ast.parse((ROOT / path).read_text())
+    futures = [a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__" for a in n.names]
+    assert "annotations" not in futures
+    for fn in _functions(path).values():
+        if fn.decorator_list:
+            assert all(arg.annotation is not None for arg in fn.args.args), fn.name
+            assert fn.returns is not None, fn.name
+
+
+@pytest.mark.parametrize("path", PLUGINS)
 def test_autotune_combinations_cover_fp32_and_fp16(path):
     """Each combination names a type for every input and output; together they pair q/k/v/out dtypes
     with either dtype for the small parameter tensors."""

@@ -9,9 +9,8 @@ top, so only `dit_ops.tensorrt_probe.load_tensorrt_plugins()` imports it, never 
   so the engine runs without Python (trtexec, C++).
 - impl: JIT fallback, launches the same compiled kernel on TensorRT's stream (no torch needed).
 Kernel parameters are inputs, then the int32 extra arguments, then outputs, as TensorRT passes them.
+No `from __future__ import annotations` here: tensorrt.plugin reads the annotations as types.
 """
-
-from __future__ import annotations
 
 from typing import List, Tuple
 
