@@ -154,5 +154,6 @@ def run(settings: Settings) -> dict:
             else:  # ORT cases without a model: say why the export failed
                 row = {"status": exports.get(case, {}).get("status", "not measured")}
             rows.append(row | {"kind": kind, "backend": backend, "grid": grid, "tokens": grid * grid})
+    workers = {backend: result.get("process") for backend, result in (("ort", in_ort), ("torch", in_torch))}
     return {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "grids": list(grids), "rows": rows,
-            "exports": exports, "summary": _summary(rows, grids)}
+            "exports": exports, "workers": workers, "summary": _summary(rows, grids)}

@@ -70,9 +70,7 @@ def package_with(settings: Settings, model: str, precisions: tuple[str, ...]) ->
         exports["fp32"] = export_package(settings, model, fp16=False)
         if ok(exports["fp32"]):
             found["fp32"] = Path(exports["fp32"]["path"])
-    if "int8" in precisions and "fp32" in found and settings.quick and not model.startswith("dit_"):
-        exports["int8"] = {"status": "skipped: --quick calibrates the DiT only"}
-    elif "int8" in precisions and "fp32" in found:
+    if "int8" in precisions and "fp32" in found:
         package = found["fp32"]
         if "int8" not in read_manifest(package)["denoiser"]["precisions"]:
             samples, steps = (4, 2) if settings.quick else (4, 4)  # speed only; the calibration report judges quality

@@ -1,11 +1,12 @@
 """float32 -> float16 ONNX conversion that keeps the numerically sensitive parts in float32.
 
 Each node gets one precision, decided in graph order:
-- matmul-like ops (MatMul, Gemm, Conv, Einsum) and the dit_ops attention nodes run in fp16: they hold
+- matmul-like ops (MatMul, Gemm, Conv, Einsum, Attention) and the dit_ops attention nodes run in fp16: they hold
   the weights and the FLOPs (the dit_ops function bodies upcast to fp32 inside, softmax included,
   and their per-head scale / pooling-weight inputs are kept fp32);
 - normalisation statistics, softmax, reductions and Pow/Exp run in fp32 (fp16 overflows at 65504:
-  squares of activations > 256, exp of logits > 11, sums over many tokens);
+  squares of activations > 256, exp of logits > 11, sums over many tokens); an opset-23 Attention
+  node runs in fp16 with softmax_precision=float;
 - any other op runs in fp32 when all its non-constant float inputs are fp32 (so the timestep
   embedding, which starts from the fp32 input `t`, stays fp32 up to its first Gemm: t * freq at
   t = 999 needs more than fp16's 11 bits of mantissa), and in fp16 otherwise; ops that read only
@@ -21,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
-FP16_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"})
+FP16_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention"})
 FP32_OPS = frozenset({
     "Softmax", "LogSoftmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
     "BatchNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "LpNormalization",
@@ -38,8 +39,25 @@ _SHAPE_OPS = frozenset({"Shape", "Size"})
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _float_dtypes(graph: onnx.GraphProto) -> dict[str, int]:
-    """elem_type of every named value the exporter typed (inputs, outputs, value_info, initializers)."""
+def _inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Type inference on a weight-free copy (initializers become typed inputs), so it works past 2 GB."""
+    graph = model.graph
+    light = onnx.ModelProto()
+    light.ir_version, light.graph.name = model.ir_version, graph.name
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    light.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
+    light.graph.output.extend(graph.output)
+    light.graph.value_info.extend(graph.value_info)
+    return list(onnx.shape_inference.infer_shapes(light).graph.value_info)
+
+
+def _float_dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    """elem_type of every named value (graph inputs/outputs, value_info, initializers, Constant nodes);
+    values the exporter left untyped are typed by ONNX inference."""
+    graph = model.graph
     dtypes = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
     dtypes.update({t.name: t.data_type for t in graph.initializer})
     for node in graph.node:
@@ -47,6 +65,8 @@ def _float_dtypes(graph: onnx.GraphProto) -> dict[str, int]:
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                     dtypes[node.output[0]] = a.t.data_type
+    if any(out and out not in dtypes for node in graph.node for out in node.output):
+        dtypes.update({v.name: v.type.tensor_type.elem_type for v in _inferred_value_info(model)})
     return dtypes
 
 
@@ -72,7 +92,7 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         raise ValueError("fp16 conversion does not handle control-flow subgraphs (If/Loop/Scan)")
-    dtypes = _float_dtypes(graph)
+    dtypes = _float_dtypes(model)
     initializers = {t.name: t for t in graph.initializer}
     constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
     consts = set(initializers) | set(constant_nodes)
@@ -127,6 +147,11 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                     used_consts.add(name)
         else:
             used_consts.update(n for n in node.input if n in consts)
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx") and precision == FP16:
+            # opset-23 Attention (SDPA at --opset 23): keep its softmax in fp32 like every other softmax
+            kept = [a for a in new.attribute if a.name != "softmax_precision"]
+            del new.attribute[:]
+            new.attribute.extend([*kept, helper.make_attribute("softmax_precision", FP32)])
         if node.op_type == "Cast":
             for a in new.attribute:
                 if a.name == "to" and a.i in (FP32, FP16):

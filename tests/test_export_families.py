@@ -17,7 +17,6 @@ from dit_ops.local_window_attention import schema as local_schema
 from exporter import onnx_io, sources
 from exporter.manifest import load_manifest, validate_manifest, verify_files
 from exporter.package import ExportOptions, export_package
-from exporter.parity import parity_feeds
 from models.linearize import ATTENTION_LAYERS
 
 TINY_DIT = dict(name="dit_tiny_2", latent_size=8, overrides=dict(depth=2, hidden_size=32, num_heads=2))
@@ -30,6 +29,7 @@ FAMILIES = {
 }
 # U-DiT at latent 16, depth [1]*5, two attention sub-layers per block: stage sides 16, 8, 4, 8, 16
 UDIT_GRIDS = [16, 16, 8, 8, 4, 4, 8, 8, 16, 16]
+pytestmark = pytest.mark.slow
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -39,14 +39,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _sweep_feeds(source: sources.Source) -> dict:
     """Every timestep 0..999 once, x_t from the forward process, labels cycling through all classes + null."""
-    feeds = parity_feeds(source.latent, source.num_classes, source.diffusion, seed=1)
     rng = np.random.default_rng(2)
     t = np.arange(1000)
     acp = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t].reshape(-1, 1, 1, 1)
     x0 = rng.standard_normal((1000, *source.latent)).clip(-3, 3)
     x = np.sqrt(acp) * x0 + np.sqrt(1 - acp) * rng.standard_normal(x0.shape)
     y = t % (source.num_classes + 1)
-    del feeds
     return {"x": x.astype(np.float32), "t": t.astype(np.float32), "y": y.astype(np.int64)}
 
 

@@ -90,11 +90,13 @@ def test_shared_constant_embedding_table_and_mask_constant():
     table = np.random.default_rng(2).standard_normal((11, 8)).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["table", "y"], ["emb"]),
-        helper.make_node("LayerNormalization", ["emb", "gamma", "beta"], ["normed"], axis=-1),
-        helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),  # gamma used by an fp32 and an fp16 node
-        helper.make_node("Constant", [], ["mask"], value=numpy_helper.from_array(np.full((1, 8), -1e9, np.float32))),
+        helper.make_node("Mul", ["emb", "gamma"], ["scaled"]),  # gamma used by an fp16 and an fp32 node
+        helper.make_node("LayerNormalization", ["scaled", "gamma", "beta"], ["normed"], axis=-1),
+        helper.make_node("Constant", [], ["mask"], value=numpy_helper.from_array(
+            np.array([[0, 0, 0, 0, 0, 0, -1e9, -1e9]], np.float32))),
         helper.make_node("Add", ["scaled", "mask"], ["masked"]),
-        helper.make_node("Softmax", ["masked"], ["out"], axis=-1),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+        helper.make_node("Add", ["probs", "normed"], ["out"]),
     ]
     inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.linspace(0.5, 1.5, 8, dtype=np.float32), "gamma"),
              numpy_helper.from_array(np.zeros(8, np.float32), "beta")]
@@ -108,7 +110,7 @@ def test_shared_constant_embedding_table_and_mask_constant():
     inits = {t.name: t.data_type for t in half.graph.initializer}
     assert inits["table__fp16"] == F16 and "table" not in inits  # gathered in fp16
     assert inits["gamma"] == F32 and inits["gamma__fp16"] == F16  # LN keeps fp32, the Mul gets a copy
-    assert _dtype_of(half, "normed") == F32 and _dtype_of(half, "masked") == F16
+    assert _dtype_of(half, "emb") == F16 and _dtype_of(half, "normed") == F32 and _dtype_of(half, "masked") == F16
     mask = numpy_helper.to_array(half.graph.initializer[[t.name for t in half.graph.initializer].index("mask__fp16")])
     assert np.isfinite(mask).all() and mask.min() == np.float16(-65504)  # clipped, not -inf
 
@@ -165,3 +167,17 @@ def test_control_flow_is_refused():
         [helper.make_tensor_value_info("out", F32, [1])]), opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
     with pytest.raises(ValueError, match="control-flow"):
         convert_to_fp16(model)
+
+
+def test_opset23_attention_keeps_an_fp32_softmax():
+    shape = [1, 2, 16, 8]
+    nodes = [helper.make_node("Attention", ["q", "k", "v"], ["out"])]
+    model = _model(nodes, [helper.make_tensor_value_info(n, F32, shape) for n in "qkv"],
+                   [helper.make_tensor_value_info("out", F32, shape)], opset=23)
+    rng = np.random.default_rng(4)
+    feeds = {n: (rng.standard_normal(shape) * 4).astype(np.float32) for n in "qkv"}
+    ref = _run(model, feeds)[0]
+    half = convert_to_fp16(model)
+    node = _producer(half, "Attention")
+    assert {a.name: a.i for a in node.attribute}["softmax_precision"] == F32
+    assert np.abs(_run(half, feeds)[0] - ref).max() < 1e-2 * np.abs(ref).max()  # fp16 rounding of q, k, v

