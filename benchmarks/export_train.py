@@ -1,12 +1,17 @@
 """Export time of udit_b at fp16 (`dit-export`), and training throughput: the train package vs a plain loop.
 
-Training: dit_s_2 at batch 8 with the same model config on both sides (read from the checkpoint the tool
-wrote), AdamW lr 1e-4, EMA and DiT's hybrid loss. The plain loop is the few lines anyone would write
+Training: dit_s_2 at batch 8 on 32x32x1 digits (pixel space, so no VAE cost on either side) with the same
+model config on both sides (read from the checkpoint the tool wrote), AdamW lr 1e-4, EMA, DiT's hybrid loss. The plain loop is the few lines anyone would write
 around `models.diffusion`; the tool must not be slower (no overhead from data loading, logging, EMA).
 """
 from __future__ import annotations
 
-from benchmarks.harness import Settings, time_call
+import json
+import shutil
+import statistics
+import sys
+
+from benchmarks.harness import Settings, ok, run_process, run_worker, time_call
 from benchmarks.packages import export_package
 
 EXPORT_MODEL = {False: "udit_b", True: "dit_tiny_2"}  # --quick reuses the denoiser section's package
@@ -49,7 +54,44 @@ def plain_loop(model: str, kwargs: dict, batch: int, threads: int, warmup: int, 
     return result | {"samples_per_s": batch / (result["median_ms"] * 1e-3)}
 
 
+def train_tool(settings: Settings, model: str) -> dict:
+    """`python -m train` on the embedded digits in pixel space, logging every step; per-step times from its
+    metrics.jsonl (the steps after warm-up) and the model config it built, which the plain loop copies."""
+    out = settings.workdir / "train_tool"
+    shutil.rmtree(out, ignore_errors=True)
+    steps = settings.warmup + settings.repeats
+    # pixel-space digits (1 channel, so CFG on all channels); no intermediate checkpoints, grids or evaluation
+    argv = [sys.executable, "-m", "train", "--preset", "dit", "--model", model, "--vae", "none", "--cfg-channels", "all",
+            "--batch-size", str(TRAIN_BATCH), "--steps", str(steps), "--log-every", "1", "--ckpt-every", str(steps),
+            "--sample-every", str(steps), "--sample-steps", "1", "--eval-per-class", "0", "--no-progress",
+            "--seed", "0", "--out", str(out)]
+    process = run_process(argv, settings, label="train_tool")
+    row = {"loop": "train package", "command": "python -m train " + " ".join(argv[3:]),
+           "process": {key: process[key] for key in ("wall_s", "cpu_s", "peak_rss_mb")}}
+    if process["status"] != "ok":
+        return row | {"status": f"unavailable: python -m train {process['status']}"}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    runs = [1e3 / record["steps_per_s"] for record in records[settings.warmup:]]
+    if not runs:
+        return row | {"status": f"unavailable: metrics.jsonl has {len(records)} step records, expected {steps}"}
+    median = statistics.median(runs)
+    config = json.loads((out / "checkpoint" / "config.json").read_text())["model"]
+    return row | {"status": "ok", "median_ms": median, "runs_ms": runs, "warmup": settings.warmup, "repeats": len(runs),
+                  "samples_per_s": TRAIN_BATCH / (median * 1e-3),
+                  "model_config": config}
+
+
 def run(settings: Settings) -> dict:
     model = EXPORT_MODEL[settings.quick]
     export = export_package(settings, model, fp16=True) | {"model": model}
-    return {"export": export, "train": []}
+    train_model = TRAIN_MODEL[settings.quick]
+    tool = train_tool(settings, train_model)
+    if ok(tool):
+        config = tool["model_config"]
+        plain = run_worker(settings, "benchmarks.export_train:plain_loop", {
+            "model": config["name"], "kwargs": config["kwargs"], "batch": TRAIN_BATCH, "threads": settings.threads,
+            **settings.timing()}, label="train_plain")
+    else:
+        plain = {"status": "unavailable: needs the train package's model config (its run failed)"}
+    plain["loop"] = "plain PyTorch"
+    return {"export": export, "train_model": train_model, "train_batch": TRAIN_BATCH, "train": [tool, plain]}

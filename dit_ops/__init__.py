@@ -24,3 +24,10 @@ def attach_functions(model):
     from dit_ops.onnx_functions import attach_functions as _attach
 
     return _attach(model)
+
+
+def load_tensorrt_plugins() -> None:
+    """Register both ops' TensorRT plugins (imports tensorrt; see `dit_ops.tensorrt_probe`)."""
+    from dit_ops.tensorrt_probe import load_tensorrt_plugins as _load
+
+    _load()

@@ -125,9 +125,11 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         return cast_cache[key]
 
     for node in graph.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
         if node.op_type == "Constant":
             current[node.output[0]] = dtypes.get(node.output[0], 0)
-            new_nodes.append(node)
+            new_nodes.append(new)
             continue
         untouched = _UNTOUCHED_INPUTS.get(node.op_type, set())
         float_inputs = [
@@ -135,8 +137,6 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             if name and dtypes.get(name) in (FP32, FP16) and i not in untouched
         ]
         precision = _node_precision(node, float_inputs, consts, current)
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
         fp32_from = _FP32_INPUTS_FROM.get(node.domain, len(node.input))
         if node.op_type not in _SHAPE_OPS:
             for i, name in enumerate(node.input):

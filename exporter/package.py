@@ -77,7 +77,8 @@ def _denoiser_entry(model, file: str, external: str | None, compute: str) -> dic
 def _write(source: Source, staging: Path, options: ExportOptions) -> dict:
     vae, scaling_factor = _resolve_vae(source, options.vae)
     # parity references first: eager PyTorch before any tracing touches the model
-    feeds = parity_feeds(source.latent, source.num_classes, source.diffusion)
+    batch = 2 if options.dynamic_batch else options.batch_size
+    feeds = parity_feeds(source.latent, source.num_classes, source.diffusion, batch)
     write_parity_data(source.model, feeds, staging)
 
     fp32_model = export_denoiser(source, options.opset, options.dynamic_batch, options.batch_size)
@@ -95,9 +96,8 @@ def _write(source: Source, staging: Path, options: ExportOptions) -> dict:
         del half
 
     vae_entry = None
-    if vae is not None:
-        vae_entry = export_vae_decoder(vae, scaling_factor, source.latent, staging / VAE_FILE, options.opset,
-                                       options.dynamic_batch, max(options.batch_size, 2))
+    if vae is not None:  # always a dynamic batch: the runtime decodes however many images it sampled
+        vae_entry = export_vae_decoder(vae, scaling_factor, source.latent, staging / VAE_FILE, options.opset)
     image = None
     if source.pixel_space:
         c, h, w = source.latent

@@ -1,13 +1,14 @@
 """Parity data and `dit-parity`: Polygraphy compares ONNX Runtime (and TensorRT) against stored PyTorch outputs.
 
-The export stores Polygraphy-format inputs (batch 2: timesteps including 0 and 999, labels including
-the null label, noisy latents as a sampler would feed them) and the fp32 PyTorch outputs as RunResults
-from the runner "pytorch". `dit-parity PACKAGE` runs `polygraphy run <onnx> --onnxrt --load-inputs
+The export stores Polygraphy-format inputs (batch 2, or the static batch: timesteps including 0 and
+999, labels including the null label, noisy latents as a sampler would feed them) and the fp32
+PyTorch outputs as RunResults from the runner "pytorch". `dit-parity PACKAGE` runs `polygraphy run <onnx> --onnxrt --load-inputs
 --load-outputs` per precision: fp32 passes when max |ort - torch| <= 1e-4 * max |torch| (the output's
 scale), fp16 when the cosine similarity to the fp32 PyTorch output is >= 0.999 on every iteration.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,8 @@ from exporter.manifest import TOLERANCES, load_manifest, validate_manifest, veri
 INPUTS_FILE = "parity/inputs.json"
 OUTPUTS_FILE = "parity/torch_outputs.json"
 RUNNER_NAME = "pytorch"
-# (t for sample 0, t for sample 1) per iteration; 0 and 999 are the ends of the schedule
-TIMESTEP_PAIRS = ((0, 999), (999, 0), (250, 750), (500, 1))
+# timesteps of the stored samples, in order; 0 and 999 are the ends of the schedule
+TIMESTEPS = (0, 999, 999, 0, 250, 750, 500, 1)
 
 
 def _alphas_cumprod(diffusion: dict) -> np.ndarray:
@@ -33,20 +34,22 @@ def _alphas_cumprod(diffusion: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas)
 
 
-def parity_feeds(latent: tuple[int, int, int], num_classes: int, diffusion: dict, seed: int = 0) -> list[dict]:
-    """Feed dicts {x, t, y} in the graph's dtypes; x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps as in sampling."""
+def parity_feeds(latent: tuple[int, int, int], num_classes: int, diffusion: dict, batch: int = 2,
+                 seed: int = 0) -> list[dict]:
+    """Feed dicts {x, t, y} in the graph's dtypes covering TIMESTEPS, every other label the null label;
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps as a sampler feeds it. At least 4 iterations of `batch`."""
     rng = np.random.default_rng(seed)
     acp = _alphas_cumprod(diffusion)
+    iterations = max(4, -(-len(TIMESTEPS) // batch))
     feeds = []
-    for i, pair in enumerate(TIMESTEP_PAIRS):
-        t = np.minimum(np.array(pair), len(acp) - 1)
-        x0 = rng.standard_normal((2, *latent)).clip(-3, 3)
-        eps = rng.standard_normal((2, *latent))
-        a = acp[t].reshape(2, 1, 1, 1)
-        x = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
-        label = int(rng.integers(0, num_classes))
-        y = [label, num_classes] if i % 2 == 0 else [num_classes, label]
-        feeds.append({"x": x.astype(np.float32), "t": t.astype(np.float32), "y": np.array(y, dtype=np.int64)})
+    for i in range(iterations):
+        k = np.arange(i * batch, (i + 1) * batch)
+        t = np.minimum(np.array(TIMESTEPS)[k % len(TIMESTEPS)], len(acp) - 1)
+        x0 = rng.standard_normal((batch, *latent)).clip(-3, 3)
+        a = acp[t].reshape(batch, 1, 1, 1)
+        x = np.sqrt(a) * x0 + np.sqrt(1 - a) * rng.standard_normal((batch, *latent))
+        y = np.where(k % 2 == 1, num_classes, rng.integers(0, num_classes, batch))
+        feeds.append({"x": x.astype(np.float32), "t": t.astype(np.float32), "y": y.astype(np.int64)})
     return feeds
 
 
@@ -112,12 +115,42 @@ def run_onnxrt(package_dir: Path, manifest: dict, precision: str, verbose: bool 
                              parity.get("tolerances", TOLERANCES))
     typer.echo(f"== {precision}: ONNX Runtime vs PyTorch ({entry['file']}); output scale "
                + ", ".join(f"{k}={v:.4g}" for k, v in scale.items()))
-    proc = subprocess.run(cmd, cwd=package_dir, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        accuracy_path = Path(tmp) / "accuracy.json"
+        proc = subprocess.run([*cmd, "--save-accuracy-results", str(accuracy_path)], cwd=package_dir,
+                              capture_output=True, text=True)
+        metrics = _iteration_metrics(accuracy_path) if accuracy_path.is_file() else {}
     lines = (proc.stdout + proc.stderr).splitlines()
     if not verbose:
         lines = [line for line in lines if any(marker in line for marker in _SUMMARY_MARKERS)]
     typer.echo("\n".join(lines))
+    for name, values in metrics.items():
+        if precision == "fp16":
+            typer.echo(f"{precision} {name}: 1 - cosine similarity per iteration "
+                       + " ".join(f"{1 - v['cosine_similarity']:.3g}" for v in values))
+        else:
+            typer.echo(f"{precision} {name}: max |ort - torch| / scale per iteration "
+                       + " ".join(f"{v['max_absdiff'] / scale[name]:.3g}" for v in values))
     return proc.returncode == 0
+
+
+def _iteration_metrics(path: Path) -> dict[str, list[dict]]:
+    """{output: [metrics of each iteration]} from Polygraphy's --save-accuracy-results JSON."""
+    metrics: dict[str, list[dict]] = {}
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, dict) and ("cosine_similarity" in value or "max_absdiff" in value):
+                    metrics.setdefault(key, []).append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(json.loads(path.read_text()))
+    return metrics
 
 
 def run_tensorrt(package_dir: Path, manifest: dict, precision: str) -> bool | None:
@@ -174,8 +207,12 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", help="show Polygraphy's full log"),
 ) -> None:
     """Compare the package's ONNX denoisers with its stored PyTorch outputs; exit 1 beyond tolerance."""
-    manifest = load_manifest(package)
-    validate_manifest(manifest)
+    try:
+        manifest = load_manifest(package)
+        validate_manifest(manifest)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"dit-parity: error: {err}", err=True)
+        raise typer.Exit(2)
     available = [p for p in ("fp32", "fp16") if p in manifest["denoiser"]["precisions"]]
     if precision == "all":
         chosen = available

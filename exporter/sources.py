@@ -69,9 +69,10 @@ def _perturb_zero_init(model: nn.Module, seed: int) -> None:
                 param.copy_(0.02 * torch.randn(param.shape, generator=generator))
 
 
-def _apply_attention(model: nn.Module, current: dict, attention: str | None, radius: int | None,
+def _apply_attention(model: nn.Module, attention: str | None, radius: int | None,
                      down_factor: int | None) -> nn.Module:
     """Honour --attention: local linearizes a full-attention model; asking for full on a local one is an error."""
+    current = model.attention_config
     if attention is None:
         return model
     if attention not in ("full", "local"):
@@ -109,15 +110,15 @@ def from_random(name: str, latent_size: int | None = None, attention: str | None
                 radius: int | None = None, down_factor: int | None = None, seed: int = 0,
                 overrides: dict | None = None) -> Source:
     """Model `name` (constructor `overrides` allowed) with seeded random weights, and a warning saying so."""
+    torch.manual_seed(seed)
+    overrides = dict(overrides or {}, **({} if latent_size is None else {"input_size": latent_size}))
+    model = models.create_model(name, **overrides)
     warnings.warn(
         f"no --checkpoint given: exporting {name} with RANDOM weights (seed {seed}); the package runs but "
         "generates noise", stacklevel=2,
     )
-    torch.manual_seed(seed)
-    overrides = dict(overrides or {}, **({} if latent_size is None else {"input_size": latent_size}))
-    model = models.create_model(name, **overrides)
     _perturb_zero_init(model, seed)
-    model = _apply_attention(model, model.attention_config, attention, radius, down_factor)
+    model = _apply_attention(model, attention, radius, down_factor)
     return from_model(_finish(model), {"kind": "random", "seed": seed})
 
 
@@ -170,7 +171,7 @@ def from_checkpoint(path: str | Path, model_name: str | None = None, latent_size
         resized = _build_checkpoint_model(name, {**kwargs, "input_size": latent_size}, ckpt_attention)
         resized.load_state_dict(model.state_dict(), strict=True)
         model = resized
-    model = _apply_attention(model, model.attention_config, attention, radius, down_factor)
+    model = _apply_attention(model, attention, radius, down_factor)
 
     vae_cfg = config.get("vae") or {"kind": "none"}
     facts: dict = {"cfg_channels": config.get("cfg_channels", 3)}
@@ -194,7 +195,7 @@ def from_official(path: str | Path, name: str, latent_size: int | None = None, a
     """A checkpoint of facebookresearch/DiT or YuchuanTian/U-DiT (bare state_dict or {"ema"/"model": ...})."""
     overrides = {} if latent_size is None else {"input_size": latent_size}
     model = models.load_official(name, path, **overrides)
-    model = _apply_attention(model, model.attention_config, attention, radius, down_factor)
+    model = _apply_attention(model, attention, radius, down_factor)
     return from_model(_finish(model), {"kind": "official", "path": str(Path(path).resolve())}, cfg_channels=3)
 
 

@@ -53,18 +53,16 @@ def export_vae_decoder(
     latent_shape: tuple[int, int, int],
     path: str | Path,
     opset: int,
-    dynamic_batch: bool,
-    batch_size: int = 2,
 ) -> dict:
-    """Export the decoder to `path`; returns the manifest's vae_decoder entry (without hashes)."""
+    """Export the decoder (dynamic batch) to `path`; returns the manifest's vae_decoder entry (without hashes)."""
     channels, h, w = latent_shape
     if vae.config.latent_channels != channels:
         raise ValueError(
             f"VAE latent_channels={vae.config.latent_channels} does not match the denoiser's {channels} channels"
         )
     module = DecodeToImage(vae, scaling_factor, getattr(vae.config, "shift_factor", None)).eval()
-    latent = torch.randn(batch_size, channels, h, w, generator=torch.Generator().manual_seed(0))
-    model = onnx_io.export_module(module, (latent,), ["latent"], ["image"], opset, dynamic_batch)
+    latent = torch.randn(2, channels, h, w, generator=torch.Generator().manual_seed(0))
+    model = onnx_io.export_module(module, (latent,), ["latent"], ["image"], opset, dynamic_batch=True)
     external = onnx_io.save_model(model, path)
     onnx_io.check_model(path)
     return {

@@ -195,3 +195,45 @@ def test_existing_out_dir_needs_force(tmp_path):
     result = export("--model", "dit_tiny_2", "--out", tmp_path / "pkg")
     assert result.exit_code == 2 and "pass --force" in result.output
     assert (tmp_path / "pkg" / "keep.txt").exists()
+
+
+def test_pixel_space_checkpoint_and_latent_size_rules(tmp_path):
+    from exporter import sources
+
+    dit = models.create_model("dit_tiny_2", **KWARGS)
+    ckpt = _write_checkpoint(tmp_path / "dit", dit.state_dict())  # vae kind "none": a pixel-space model
+    source = sources.from_checkpoint(ckpt)
+    assert source.pixel_space and source.vae is None and source.origin["kind"] == "checkpoint"
+    with pytest.raises(ValueError, match="position table"):
+        sources.from_checkpoint(ckpt, latent_size=16)
+
+    udit_kwargs = dict(input_size=16, depth=[1, 1, 1, 1, 1], hidden_size=16, num_heads=2, num_classes=10)
+    udit = models.create_model("udit_tiny", **udit_kwargs)
+    with torch.no_grad():
+        for p in udit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "udit"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "format": "dit-edge-checkpoint", "version": 1, "model": {"name": "udit_tiny", "kwargs": udit_kwargs},
+        "vae": {"kind": "none"}}))
+    save_file(udit.state_dict(), str(path / "model.safetensors"))
+    source = sources.from_checkpoint(path, latent_size=32)  # U-DiT has no fixed position table
+    assert source.latent == (4, 32, 32) and source.config["reparameterized"] is True
+    x, t, y = torch.randn(2, 4, 32, 32), torch.tensor([10.0, 990.0]), torch.tensor([2, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(source.model(x, t, y), udit.eval()(x, t, y), atol=2e-5, rtol=1e-4)
+
+
+def test_static_batch_export_and_parity(tmp_path):
+    from exporter import sources
+    from exporter.package import ExportOptions, export_package
+
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        source = sources.from_random("dit_tiny_2", latent_size=8, overrides=dict(depth=1, hidden_size=32, num_heads=2))
+    manifest = export_package(source, tmp_path / "pkg", ExportOptions(dynamic_batch=False, batch_size=1))
+    assert manifest["denoiser"]["batch"] == 1
+    assert manifest["denoiser"]["precisions"]["fp32"]["inputs"][0]["shape"] == [1, 4, 8, 8]
+    result = runner.invoke(parity_app, [str(tmp_path / "pkg")])
+    assert result.exit_code == 0, result.output
+    assert "Passed: 8/8 iterations" in result.output

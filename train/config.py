@@ -50,7 +50,6 @@ class TrainConfig:
     eval_per_class: int = 100  # digits only: samples per class judged by the classifier; 0 = no evaluation
     eval_steps: int = 50
     eval_guidance_scale: float = 4.0
-    classifier_epochs: int = 8
     resume: bool = False
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ from .vae import posterior
 def evaluate_digits(model, vae, scaling_factor: float, latent_shape, config: TrainConfig, out: Path) -> dict:
     """Sample `eval_per_class` digits of every class, save the grid (10 per class), score them."""
     tick = time.time()
-    classifier, classifier_accuracy = load_classifier(epochs=config.classifier_epochs)
+    classifier, classifier_accuracy = load_classifier()
     classifier_s = time.time() - tick
     tick = time.time()
     labels = torch.arange(10).repeat_interleave(config.eval_per_class)

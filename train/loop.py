@@ -188,14 +188,14 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
                                    resume={"model": model, "optimizer": optimizer, "state": state},
                                    vae_dir=vae_dir if copy_vae else None)
 
-    def grid(name: str) -> None:
+    def grid(path: Path) -> None:
         if not dist.is_main:
             return
         per_class = 8
         labels = torch.arange(min(num_classes, 10)).repeat_interleave(per_class)
         latents = sample_latents(ema.model, labels, latent_shape, config.sample_steps, config.guidance_scale,
                                  config.cfg_channels, seed=config.seed)
-        save_grid(latents_to_images(vae, scaling_factor, latents), per_class, out / "samples" / name)
+        save_grid(latents_to_images(vae, scaling_factor, latents), per_class, path)
 
     def to_latents(batch: dict) -> torch.Tensor:
         if "mean" in batch:
@@ -261,7 +261,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
         if step % config.ckpt_every == 0 and step != config.steps:
             save()
         if step % config.sample_every == 0 and step != config.steps:
-            grid(f"step_{step:07d}.png")
+            grid(out / "samples" / f"step_{step:07d}.png")
             model.train()
     bar.close()
     timings["train_s"] = round(time.time() - tick, 1)
@@ -276,7 +276,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
             summary.update(evaluate_digits(ema.model, vae, scaling_factor, latent_shape, config, out))
             timings["eval_s"] = round(time.time() - tick, 1)
         else:
-            grid("samples.png")
+            grid(out / "samples.png")
         timings["total_s"] = round(time.time() - start_time, 1)
         tmp = out / ".metrics.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
