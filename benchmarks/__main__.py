@@ -41,7 +41,7 @@ def _parse_only(only: Optional[str]) -> list[str]:
     return [name for name in report.SECTIONS if name in chosen]
 
 
-@app.command()
+@app.command(help=__doc__)
 def main(
     quick: bool = typer.Option(False, "--quick", help="Tiny models and grids, 1-2 repetitions (CI smoke run)."),
     only: Optional[str] = typer.Option(None, help=f"Comma-separated sections to run: {', '.join(report.SECTIONS)}."),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.harness import Settings, fit_exponent, ok, ort_session, run_worker, time_call, timed_ort_run
+from benchmarks.harness import Settings, fit_exponent, ok, run_worker, time_call, timed_ort_run
 
 KINDS = {"full": {}, "downsampled": {}, "local_r8": {"radius": 8}, "local_r16": {"radius": 16}}
 FULL_GRIDS = (16, 32, 64, 128)
@@ -104,9 +104,7 @@ def ort_ops(paths: dict, threads: int, warmup: int, repeats: int, slow_case: str
         profile = str(Path(profile_dir) / f"attention_ort_{case}.txt") if profile_dir else None
         runs = (1, min(repeats, 3)) if case == slow_case else (warmup, repeats)
         try:
-            session = ort_session(path, threads, str(Path(profile).with_suffix("")) if profile else None)
-            timed[case] = timed_ort_run(session, _qkv(grid, "onnxruntime"), *runs, profile) | {"status": "ok"}
-            del session  # full attention at 128^2 holds GiBs of buffers
+            timed[case] = timed_ort_run(path, threads, _qkv(grid, "onnxruntime"), *runs, profile) | {"status": "ok"}
         except Exception as error:
             timed[case] = {"status": f"unavailable: {type(error).__name__}: {str(error)[:200]}"}
     return {"timed": timed}

@@ -10,14 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.harness import Settings, Unavailable, ok, ort_session, run_worker, time_call, timed_ort_run
+from benchmarks.harness import Settings, Unavailable, ok, run_worker, time_call, timed_ort_run
 from benchmarks.packages import package_with, read_manifest
 
 FULL_MODELS = ("dit_s_2", "udit_s", "dit_b_2", "udit_b")
 QUICK_MODELS = ("dit_tiny_2",)  # CI budget: every dit-export costs ~15-35 s of CPU
 BATCH = 2
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("torch_eager", "torch_compile", "ort_fp32", "ort_fp16", "ort_int8", "peer_diffusers_ort")
 
 
 def _torch_inputs(net, batch: int):
@@ -52,10 +51,10 @@ def torch_step(model: str, batch: int, threads: int, warmup: int, repeats: int, 
         result.update(time_call(lambda: forward(x, t, y), warmup, repeats))
         if profile_path:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-                for _ in range(max(repeats, 1)):
+                for _ in range(repeats):
                     forward(x, t, y)
             table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-            Path(profile_path).write_text(f"torch profiler, {max(repeats, 1)} forward(s) of {model}\n{table}\n")
+            Path(profile_path).write_text(f"torch profiler, {repeats} forward(s) of {model}\n{table}\n")
             result["profile"] = profile_path
     result["macs"] = macs
     return result
@@ -84,9 +83,7 @@ def _feeds(inputs: list[dict], batch: int, num_classes: int) -> dict:
 def ort_step(onnx_path: str, inputs: list[dict], num_classes: int, batch: int, threads: int, warmup: int,
              repeats: int, profile_path: str | None = None) -> dict:
     """Worker (torch-free): median session.run of one denoiser step in ONNX Runtime's CPU provider."""
-    prefix = str(Path(profile_path).with_suffix("")) if profile_path else None
-    session = ort_session(onnx_path, threads, prefix)
-    return timed_ort_run(session, _feeds(inputs, batch, num_classes), warmup, repeats, profile_path)
+    return timed_ort_run(onnx_path, threads, _feeds(inputs, batch, num_classes), warmup, repeats, profile_path)
 
 
 def export_peer(model: str, batch: int, out_path: str) -> dict:

@@ -211,11 +211,18 @@ def ort_profile_summary(trace_path: str | Path, top: int = 20) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timed_ort_run(session, feeds: dict, warmup: int, repeats: int, profile_path: str | None) -> dict:
-    """Median step of session.run(feeds); with profile_path, also writes the per-op summary there."""
+def timed_ort_run(model_path: str, threads: int, feeds: dict, warmup: int, repeats: int,
+                  profile_path: str | None = None) -> dict:
+    """Median session.run(feeds) of an ONNX model; with profile_path, a second, profiled session (so profiling
+    overhead never enters the timing) runs as often and its per-op summary is written there."""
+    session = ort_session(model_path, threads)
     result = time_call(lambda: session.run(None, feeds), warmup, repeats)
+    del session
     if profile_path:
-        trace = session.end_profiling()
+        profiled = ort_session(model_path, threads, str(Path(profile_path).with_suffix("")))
+        for _ in range(warmup + repeats):
+            profiled.run(None, feeds)
+        trace = profiled.end_profiling()
         Path(profile_path).write_text(ort_profile_summary(trace))
         Path(trace).unlink(missing_ok=True)
         result["profile"] = str(profile_path)

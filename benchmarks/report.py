@@ -63,7 +63,7 @@ def _ok(row: dict | None) -> bool:
     return bool(row) and row.get("status") == "ok"
 
 
-def _step(sections: dict, model: str | None, backend: str) -> dict | None:
+def _step(sections: dict, model: str, backend: str) -> dict | None:
     for row in sections.get("denoiser", {}).get("rows", []):
         if row.get("model") == model and row.get("backend") == backend:
             return row
@@ -80,11 +80,11 @@ def _reason(*rows: dict | None) -> str:
     return "unavailable"
 
 
-def _models(sections: dict) -> tuple[str | None, str | None]:
-    """The small DiT and U-DiT of this run (dit_s_2 / udit_s; the tiny ones in --quick)."""
+def _models(sections: dict) -> tuple[str, str]:
+    """The small DiT and U-DiT of this run (dit_s_2 / udit_s; --quick measures dit_tiny_2 only)."""
     names = sections.get("denoiser", {}).get("models", [])
-    dit = next((name for name in names if name.startswith("dit")), None)
-    udit = next((name for name in names if name.startswith("udit")), None)
+    dit = next((name for name in names if name.startswith("dit")), "dit_s_2")
+    udit = next((name for name in names if name.startswith("udit")), "udit_s")
     return dit, udit
 
 
@@ -187,12 +187,13 @@ def write_plots(sections: dict, results_dir: Path) -> list[Path]:
     attention = sections.get("attention")
     if attention:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for kind in ("full", "downsampled", "local_r8", "local_r16"):
+        for kind, color in zip(("full", "downsampled", "local_r8", "local_r16"), ("C3", "C1", "C0", "C2")):
             for backend, style in (("ort", "-o"), ("torch", "--x")):
                 points = sorted((row["tokens"], row["median_ms"]) for row in attention["rows"]
                                 if row["kind"] == kind and row["backend"] == backend and _ok(row))
                 if points:
-                    ax.plot(*zip(*points), style, label=f"{kind} ({'ONNX Runtime' if backend == 'ort' else 'torch'})")
+                    ax.plot(*zip(*points), style, color=color,
+                            label=f"{kind} ({'ONNX Runtime' if backend == 'ort' else 'torch'})")
         ax.set(xscale="log", yscale="log", xlabel="tokens (grid^2)", ylabel="ms per call",
                title="Attention scaling (1 sequence, head_dim 64)")
         ax.grid(True, which="both", alpha=0.3)
@@ -331,7 +332,7 @@ def _export_train_md(section: dict) -> str:
     return "\n\n".join(parts)
 
 
-def markdown(sections: dict, targets: list[dict], plots: list[Path], markdown_path: Path) -> str:
+def markdown(sections: dict, targets: list[dict], plots: list[Path], profiles: list[Path], markdown_path: Path) -> str:
     meta = next(iter(sections.values()))["meta"] if sections else {}
     quick = any(section["meta"].get("quick") for section in sections.values())
     lines = ["# Benchmarks", "",
@@ -366,6 +367,9 @@ def markdown(sections: dict, targets: list[dict], plots: list[Path], markdown_pa
         for plot in plots:
             relative = Path(_relative(plot, markdown_path.parent))
             lines += [f"![{plot.stem}]({relative.as_posix()})", ""]
+    if profiles:
+        lines += ["## Profiles (`--profile`)", "", "ONNX Runtime per-op totals and torch profiler tables:", ""]
+        lines += [f"- [{profile.stem}]({_relative(profile, markdown_path.parent)})" for profile in profiles] + [""]
     return "\n".join(lines)
 
 
@@ -387,5 +391,6 @@ def write_report(results_dir: Path, markdown_path: Path) -> tuple[Path, list[Pat
     plots = write_plots(sections, results_dir)
     (results_dir / "targets.json").write_text(json.dumps(targets, indent=1))
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    markdown_path.write_text(markdown(sections, targets, plots, markdown_path))
+    profiles = sorted((results_dir / "profiles").glob("*.txt"))
+    markdown_path.write_text(markdown(sections, targets, plots, profiles, markdown_path))
     return markdown_path, plots, targets

@@ -29,6 +29,8 @@ def main(
     out: Optional[Path] = typer.Option(None, help="package directory (default packages/<model>)"),
     force: bool = typer.Option(False, "--force", help="replace an existing non-empty --out"),
     seed: int = typer.Option(0, help="seed of random weights when no checkpoint is given"),
+    engine: str = typer.Option("onnx", help="onnx, or trt: also build TensorRT engines (needs TensorRT >= 10.9 + GPU)"),
+    max_batch: int = typer.Option(8, help="--engine trt: largest denoiser batch (2 x images per call with CFG)"),
 ) -> None:
     """Write manifest.json, denoiser.onnx (+ .fp16), vae_decoder.onnx and Polygraphy parity data."""
     from models.official import CheckpointMismatchError
@@ -36,6 +38,12 @@ def main(
     from exporter.sources import load_source
 
     try:
+        if engine not in ("onnx", "trt"):
+            raise ValueError(f"--engine {engine!r}: valid choices are onnx, trt")
+        if engine == "trt":
+            from dit_ops.tensorrt_probe import require_tensorrt
+
+            require_tensorrt()  # fail before a long export, with the reason
         if batch not in ("dynamic", "static"):
             raise ValueError(f"--batch {batch!r}: valid choices are dynamic, static")
         onnx_io.check_opset(opset)
@@ -48,10 +56,31 @@ def main(
         options = ExportOptions(opset=opset, dynamic_batch=batch == "dynamic", batch_size=batch_size, fp16=fp16,
                                 vae=vae)
         manifest = export_package(source, target, options, force=force)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointMismatchError) as err:
+        if engine == "trt":
+            _build_engines(target, manifest, max_batch)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointMismatchError, RuntimeError) as err:
         typer.echo(f"dit-export: error: {err}", err=True)
         raise typer.Exit(2)
     ops = ", ".join(f"{op['name']} x{op['count']}" for op in manifest["custom_ops"]) or "none"
     typer.echo(f"wrote {target}: {', '.join(manifest['denoiser']['precisions'])} denoiser "
                f"({manifest['model']['name']}, dit_ops nodes: {ops}), "
                f"vae_decoder: {'yes' if manifest['vae_decoder'] else 'no'}")
+
+
+def _build_engines(package: Path, manifest: dict, max_batch: int) -> None:
+    """One strongly typed engine per ONNX file, next to it (`<name>.engine`), recorded in the manifest."""
+    from exporter.manifest import refresh_hashes, write_json_atomic
+    from exporter.trt_engine import build_engine
+    from runtime.tensorrt_session import engine_path_for
+
+    for entry in manifest["denoiser"]["precisions"].values():
+        onnx_path = package / entry["file"]
+        build_engine(onnx_path, engine_path_for(onnx_path), 1, min(2, max_batch), max_batch)
+    if manifest["vae_decoder"]:
+        onnx_path = package / manifest["vae_decoder"]["file"]
+        build_engine(onnx_path, engine_path_for(onnx_path), 1, 1, max(1, max_batch // 2))
+    write_json_atomic(package / "manifest.json", refresh_hashes(package, manifest))
+
+
+if __name__ == "__main__":
+    app()

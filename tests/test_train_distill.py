@@ -16,13 +16,14 @@ from train.loop import train
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
     model_args = {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 4}  # 8x8 token grid
-    train(build_config("tiny", None, out=str(out), steps=30, lr=3e-3, model_args=model_args), progress=False)
+    train(build_config("tiny", None, out=str(out), steps=20, lr=3e-3, model_args=model_args), progress=False)
     return out / "checkpoint"
 
 
 def test_distill_trains_only_attention_and_writes_a_local_checkpoint(teacher, tmp_path):
     config = DistillConfig(teacher=str(teacher), radius=2, down_factor=2, out=str(tmp_path / "d"), num_samples=32,
-                           teacher_steps=4, steps=30, batch_size=16, lr=3e-3, eval_per_class=1)
+                           teacher_steps=4, steps=30, batch_size=16, lr=3e-3, eval_per_class=1,
+                           denoise_weight=0.0)  # the near-untrained teacher's data would dominate L_denoise
     report = distill(config, progress=False)
     assert set(report) >= {"zero_shot", "distilled", "improved", "trainable_parameters"}
     assert report["zero_shot"]["psnr_db"] > 0 and report["distilled"]["psnr_db"] > 0
@@ -41,10 +42,9 @@ def test_distill_trains_only_attention_and_writes_a_local_checkpoint(teacher, tm
     assert len(pools) == 2 and any(not torch.allclose(student_weights[k], torch.full((4,), 0.25)) for k in pools)
     assert report["trainable_parameters"] == 2 * (32 * 96 + 96 + 32 * 32 + 32 + 4)
 
-    history = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
-    first, last = history[:5], history[-5:]
-    for term in ("eps", "attn"):
-        assert sum(r[term] for r in last) < sum(r[term] for r in first), term
+    for term in ("eps_mse", "attn_mse"):  # measured on the same fixed noisy batch before and after
+        assert report["distilled"][term] < report["zero_shot"][term], term
+    assert len((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()) == 30
 
 
 def test_distill_rejects_a_local_teacher(teacher, tmp_path):

@@ -145,3 +145,16 @@ def test_engine_matches_torch_reference(gpu, tmp_path, op, dtype, heads, head_di
     assert out.dtype == dtype and out.shape == ref.shape
     error = np.abs(out.astype(np.float32) - ref).max() / np.abs(ref).max()
     assert error < (1e-4 if dtype == np.float32 else 2e-3)
+
+
+def test_export_engine_flag_fails_clearly_without_tensorrt(tmp_path):
+    import subprocess
+    import sys
+
+    status = tensorrt_probe.probe()
+    if status.available:
+        pytest.skip("TensorRT and a GPU are present; the failure path is not reachable here")
+    cli = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", "dit_tiny_2", "--latent-size", "8",
+                          "--engine", "trt", "--out", str(tmp_path / "pkg")], capture_output=True, text=True)
+    assert cli.returncode == 2 and "TensorRT" in cli.stderr and "docs/gpu_deployment.md" in cli.stderr
+    assert not (tmp_path / "pkg").exists()  # refused before exporting anything

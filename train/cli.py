@@ -161,6 +161,7 @@ def distill_command(
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the attention projections")] = 1e-4,
     layer_stride: Annotated[int, typer.Option(help="Feature-match every k-th attention layer (CLEAR: 4)")] = 1,
     eval_per_class: Annotated[int, typer.Option(help="Samples per class for the before/after agreement")] = 20,
+    denoise_weight: Annotated[float, typer.Option(help="Weight of L_denoise (CLEAR: 1; 0 = pure teacher matching)")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="tqdm progress bar")] = True,
 ) -> None:
@@ -172,7 +173,7 @@ def distill_command(
         config = DistillConfig(
             teacher=teacher, radius=radius, down_factor=down_factor, out=out, num_samples=num_samples,
             teacher_steps=teacher_steps, guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, lr=lr,
-            layer_stride=layer_stride, eval_per_class=eval_per_class, seed=seed,
+            layer_stride=layer_stride, eval_per_class=eval_per_class, denoise_weight=denoise_weight, seed=seed,
         )
         report = distill(config, progress=progress)
         typer.echo(json.dumps(report, indent=2))

@@ -7,7 +7,7 @@ pooling weights train, with
 where attn is the raw attention output (the input of the output projection, as CLEAR matches), both models
 seeing the identical noisy input, timestep and label. L_denoise is the DiT hybrid loss on the teacher data.
 Agreement with the teacher (PSNR of final samples from identical noise and labels; class accuracy on the
-digits) is measured before (zero-shot linearization) and after.
+digits; eps and attention errors on a fixed noisy batch) is measured before (zero-shot linearization) and after.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class DistillConfig:
     eval_per_class: int = 20
     seed: int = 0
     null_label_prob: float = 0.1  # keep training the unconditional branch that CFG needs
+    denoise_weight: float = 1.0  # CLEAR: 1; 0 = pure teacher matching
 
 
 def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -76,15 +77,20 @@ def trainable_parameters(student: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class AttentionRecorder:
-    """Forward pre-hooks on the output projection of every `stride`-th attention layer: the raw attention output."""
+    """Forward pre-hooks on the output projection of every `stride`-th attention layer: the raw attention output.
+
+    Records only while `enabled`, so sampling with the same model does not accumulate tensors.
+    """
 
     def __init__(self, model: torch.nn.Module, stride: int):
         self.outputs: list[torch.Tensor] = []
+        self.enabled = False
         layers = attention_layers(model)[::stride]
         self.handles = [output_projection(layer).register_forward_pre_hook(self.record) for layer in layers]
 
     def record(self, module, inputs) -> None:
-        self.outputs.append(inputs[0])
+        if self.enabled:
+            self.outputs.append(inputs[0])
 
     def take(self) -> list[torch.Tensor]:
         outputs, self.outputs = self.outputs, []
@@ -128,6 +134,31 @@ def teacher_dataset(teacher, config: DistillConfig, teacher_config: dict, latent
     tmp.replace(path)
     meta.write_text(json.dumps(key))
     return latents, labels
+
+
+def probe_batch(latents: torch.Tensor, labels: torch.Tensor, seed: int, size: int = 256):
+    """A fixed (x_t, t, y) batch on which eps and attention agreement are measured before and after."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    index = torch.randperm(len(labels), generator=generator)[:size]
+    t = torch.randint(0, 1000, (len(index),), generator=generator)
+    noise = torch.randn(latents[index].shape, generator=generator)
+    return create_diffusion().q_sample(latents[index], t, noise), t, labels[index]
+
+
+@torch.no_grad()
+def matching_errors(teacher, student, probe, hooks: tuple[AttentionRecorder, AttentionRecorder]) -> dict:
+    """Mean squared eps and raw-attention differences between student and teacher on the probe batch."""
+    x_t, t, y = probe
+    for recorder in hooks:
+        recorder.enabled = True
+    eps_teacher, eps_student = teacher(x_t, t, y)[:, : x_t.shape[1]], student(x_t, t, y)[:, : x_t.shape[1]]
+    attn_teacher, attn_student = hooks[0].take(), hooks[1].take()
+    for recorder in hooks:
+        recorder.enabled = False
+    return {
+        "eps_mse": (eps_student - eps_teacher).pow(2).mean().item(),
+        "attn_mse": torch.stack([(s - t_).pow(2).mean() for s, t_ in zip(attn_student, attn_teacher)]).mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -174,18 +205,23 @@ def distill(config: DistillConfig, progress: bool = True) -> dict:
     tick = time.time()
     latents, labels = teacher_dataset(teacher, config, teacher_config, latent_shape, guidance, out)
     data_s = time.time() - tick
+    teacher_hooks = AttentionRecorder(teacher, config.layer_stride)
+    student_hooks = AttentionRecorder(student, config.layer_stride)
+    hooks = (teacher_hooks, student_hooks)
+    probe = probe_batch(latents, labels, config.seed)
+    student.eval()  # no label dropout: the null label is drawn below, identically for both models
     before = agreement(teacher, student, vae, scaling_factor, latent_shape, config, teacher_config, guidance, classifier)
+    before.update(matching_errors(teacher, student, probe, hooks))
     log.info("zero-shot linearization vs teacher: %s", before)
 
     parameters = trainable_parameters(student)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    teacher_hooks = AttentionRecorder(teacher, config.layer_stride)
-    student_hooks = AttentionRecorder(student, config.layer_stride)
     diffusion = create_diffusion()
     generator = torch.Generator().manual_seed(config.seed)
     null = teacher.num_classes
-    student.eval()  # no label dropout: the null label is drawn below, identically for both models
     history = []
+    for recorder in hooks:
+        recorder.enabled = True
     bar = tqdm(range(1, config.steps + 1), desc="distill", disable=not progress)
     for step in bar:
         index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
@@ -208,16 +244,19 @@ def distill(config: DistillConfig, progress: bool = True) -> dict:
         eps_loss = (outputs["student"][:, :channels] - teacher_out[:, :channels]).pow(2).mean()
         student_attn = student_hooks.take()
         attn_loss = torch.stack([(s - t_).pow(2).mean() for s, t_ in zip(student_attn, teacher_attn)]).mean()
-        loss = denoise + 0.5 * eps_loss + 0.5 * attn_loss
+        loss = config.denoise_weight * denoise + 0.5 * eps_loss + 0.5 * attn_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         record = {"step": step, "loss": loss.item(), "denoise": denoise.item(), "eps": eps_loss.item(), "attn": attn_loss.item()}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-    teacher_hooks.remove()
-    student_hooks.remove()
+    for recorder in hooks:
+        recorder.enabled = False
     after = agreement(teacher, student, vae, scaling_factor, latent_shape, config, teacher_config, guidance, classifier)
+    after.update(matching_errors(teacher, student, probe, hooks))
+    for recorder in hooks:
+        recorder.remove()
     log.info("distilled student vs teacher: %s", after)
 
     config_out = {**teacher_config, "attention": dict(student.attention_config),

@@ -55,8 +55,14 @@ def _cached_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device
 
 
 def rope2d(x: Tensor, grid_h: int, grid_w: int) -> Tensor:
-    """RoPE2D of x (..., grid_h * grid_w, D) on its own token grid (tables cached per grid and device)."""
-    cos, sin = _cached_tables(grid_h, grid_w, x.shape[-1], x.device)
+    """RoPE2D of x (..., grid_h * grid_w, D) on its own token grid (tables cached per grid and device).
+
+    While tracing (torch.export / compile) the tables are built fresh: a cached fake tensor would leak
+    into later eager calls.
+    """
+    tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+    tables = rope2d_tables if tracing else _cached_tables
+    cos, sin = tables(grid_h, grid_w, x.shape[-1], x.device)
     return apply_rope2d(x, cos, sin)
 
 
