@@ -59,6 +59,11 @@ def _qkv(grid: int, library: str):
     return dict(zip(("q", "k", "v"), arrays))
 
 
+def _runs(case: str, slow_case: str, warmup: int, repeats: int) -> tuple[int, int]:
+    """(warm-up, timed runs): full attention at the largest grid takes seconds per call, so it runs 1 + 3."""
+    return (1, min(repeats, 3)) if case == slow_case else (warmup, repeats)
+
+
 def torch_ops(cases: list[list], out_dir: str, threads: int, warmup: int, repeats: int, slow_case: str) -> dict:
     """Worker: time each (kind, grid) op in torch eager, then export it to out_dir/<kind>_<grid>.onnx.
 
@@ -75,7 +80,7 @@ def torch_ops(cases: list[list], out_dir: str, threads: int, warmup: int, repeat
     for kind, grid in cases:
         case = f"{kind}_{grid}"
         module, (q, k, v) = _module(kind, grid), _qkv(grid, "torch")
-        runs = (1, min(repeats, 3)) if case == slow_case else (warmup, repeats)
+        runs = _runs(case, slow_case, warmup, repeats)
         try:
             with torch.inference_mode():
                 timed[case] = time_call(lambda: module(q, k, v), *runs) | {"status": "ok"}
@@ -102,7 +107,7 @@ def ort_ops(paths: dict, threads: int, warmup: int, repeats: int, slow_case: str
     for case, path in paths.items():
         grid = int(case.rsplit("_", 1)[1])
         profile = str(Path(profile_dir) / f"attention_ort_{case}.txt") if profile_dir else None
-        runs = (1, min(repeats, 3)) if case == slow_case else (warmup, repeats)
+        runs = _runs(case, slow_case, warmup, repeats)
         try:
             timed[case] = timed_ort_run(path, threads, _qkv(grid, "onnxruntime"), *runs, profile) | {"status": "ok"}
         except Exception as error:

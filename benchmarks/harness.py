@@ -49,10 +49,8 @@ class Settings:
         self.log_dir = self.workdir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def timing(self, fewer: bool = False) -> dict:
-        """Warm-up and repeat counts for a worker; `fewer` for very slow cases (full attention at 128^2)."""
-        if fewer:
-            return {"warmup": 1, "repeats": min(self.repeats, 3)}
+    def timing(self) -> dict:
+        """Warm-up and repeat counts, as keyword arguments of a worker."""
         return {"warmup": self.warmup, "repeats": self.repeats}
 
 
