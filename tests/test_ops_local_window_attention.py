@@ -67,8 +67,8 @@ def test_tile_plan_reproduces_the_disc(grid, radius, tile):
 
 def test_tile_plan_sizes_and_halo():
     plan = schema.TilePlan.create(64, 48, 8)
-    assert (plan.tile_h, plan.tile_w, plan.halo_h, plan.window_h, plan.window_w) == (16, 16, 7, 30, 30)
-    assert (plan.tiles_h, plan.tiles_w, plan.num_tiles) == (4, 3, 12)
+    assert (plan.tile_h, plan.tile_w, plan.halo_h, plan.window_h, plan.window_w) == (8, 8, 7, 22, 22)
+    assert (plan.tiles_h, plan.tiles_w, plan.num_tiles) == (8, 6, 48)
     small = schema.TilePlan.create(4, 100, 50)  # tile clamps to the grid, halo and window to the grid
     assert (small.tile_h, small.halo_h, small.window_h, small.window_w) == (4, 3, 4, 100)
 

@@ -94,6 +94,7 @@ def train_command(
     sample_steps: Annotated[Optional[int], typer.Option(help="DDPM steps for sample grids [50]")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(help="CFG scale for sample grids [4.0]")] = None,
     eval_per_class: Annotated[Optional[int], typer.Option(help="Digits: samples per class judged at the end; 0 = skip [100]")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Digits: score 20 samples per class every N steps into metrics.jsonl; 0 = off [0]")] = None,
     eval_steps: Annotated[Optional[int], typer.Option(help="Digits: DDPM steps for the judged samples")] = None,
     eval_guidance_scale: Annotated[Optional[float], typer.Option(help="Digits: CFG scale for the judged samples")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint")] = False,
@@ -116,7 +117,7 @@ def train_command(
             ema_warmup=ema_warmup, bf16=bf16, grad_clip=grad_clip, seed=seed, steps=steps, batch_size=batch_size,
             workers=workers, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every,
             sample_steps=sample_steps, guidance_scale=guidance_scale, eval_per_class=eval_per_class,
-            eval_steps=eval_steps, eval_guidance_scale=eval_guidance_scale, resume=resume or None, out=out,
+            eval_every=eval_every, eval_steps=eval_steps, eval_guidance_scale=eval_guidance_scale, resume=resume or None, out=out,
         )
         train(config, progress=progress)
     except USER_ERRORS as error:

@@ -48,6 +48,7 @@ class TrainConfig:
     sample_steps: int = 50
     guidance_scale: float = 4.0
     eval_per_class: int = 100  # digits only: samples per class judged by the classifier; 0 = no evaluation
+    eval_every: int = 0  # digits only: score 20 samples per class every N steps (accuracy-vs-time curve); 0 = off
     eval_steps: int = 50
     eval_guidance_scale: float = 4.0
     resume: bool = False

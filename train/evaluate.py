@@ -21,16 +21,33 @@ from .vae import posterior
 
 
 @torch.no_grad()
+def sample_digits(model, vae, scaling_factor: float, latent_shape, config: TrainConfig, per_class: int):
+    """`per_class` CFG samples of every digit with the evaluation sampler: (images in [-1, 1], labels)."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    latents = sample_latents(model, labels, latent_shape, config.eval_steps, config.eval_guidance_scale,
+                             config.cfg_channels, seed=config.seed + 1)
+    return latents_to_images(vae, scaling_factor, latents), labels
+
+
+@torch.no_grad()
+def progress_scores(model, vae, scaling_factor: float, latent_shape, config: TrainConfig, per_class: int) -> dict:
+    """Class accuracy and Frechet distance of a smaller sample, for the accuracy-vs-time curve (--eval-every)."""
+    classifier, _ = load_classifier()
+    images, labels = sample_digits(model, vae, scaling_factor, latent_shape, config, per_class)
+    real = to_model_range(load_mnist(32)[0])
+    scores = digit_metrics(classifier, images, labels, real[torch.arange(len(real)) % HELD_OUT_EVERY != 0])
+    return {"eval_class_accuracy": scores["class_accuracy"], "eval_frechet_distance": scores["frechet_distance"],
+            "eval_samples": len(images)}
+
+
+@torch.no_grad()
 def evaluate_digits(model, vae, scaling_factor: float, latent_shape, config: TrainConfig, out: Path) -> dict:
     """Sample `eval_per_class` digits of every class, save the grid (10 per class), score them."""
     tick = time.time()
     classifier, classifier_accuracy = load_classifier()
     classifier_s = time.time() - tick
     tick = time.time()
-    labels = torch.arange(10).repeat_interleave(config.eval_per_class)
-    latents = sample_latents(model, labels, latent_shape, config.eval_steps, config.eval_guidance_scale,
-                             config.cfg_channels, seed=config.seed + 1)
-    images = latents_to_images(vae, scaling_factor, latents)
+    images, labels = sample_digits(model, vae, scaling_factor, latent_shape, config, config.eval_per_class)
     sampling_s = time.time() - tick
     columns = min(10, config.eval_per_class)
     pick = torch.cat([torch.arange(c * config.eval_per_class, c * config.eval_per_class + columns) for c in range(10)])

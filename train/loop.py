@@ -210,7 +210,9 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
     loader_epoch = -1
     batches: list = []
     tick = time.time()
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "grad_norm": 0.0, "n": 0, "start": time.time(), "start_step": step}
+    excluded_s = 0.0  # time spent in --eval-every evaluations, not counted as training time
+    # running sums of (loss, mse, vb, grad norm) stay on the device: no host sync until a log step
+    sums, window_start, window_step = torch.zeros(4, device=dist.device), time.time(), step
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not (progress and dist.is_main), dynamic_ncols=True)
@@ -241,30 +243,33 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
         optimizer.step()
         step += 1
         ema.update(model, step)
-        window["loss"] += loss.item()
-        window["mse"] += terms["mse"].mean().item()
-        window["vb"] += terms["vb"].mean().item()
-        window["grad_norm"] += float(grad_norm)
-        window["n"] += 1
+        sums += torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(), grad_norm.detach()])
         bar.update(1)
         if step % config.log_every == 0 or step == config.steps:
-            averaged = dist.mean(torch.tensor([window[k] / window["n"] for k in ("loss", "mse", "vb", "grad_norm")]))
-            elapsed = time.time() - window["start"]
-            record = {"step": step, "loss": averaged[0].item(), "mse": averaged[1].item(), "vb": averaged[2].item(),
-                      "grad_norm": averaged[3].item(), "lr": config.lr,
-                      "steps_per_s": (step - window["start_step"]) / max(elapsed, 1e-9),
+            averaged = dist.mean(sums / (step - window_step)).tolist()
+            elapsed = time.time() - window_start
+            record = {"step": step, "loss": averaged[0], "mse": averaged[1], "vb": averaged[2],
+                      "grad_norm": averaged[3], "lr": config.lr, "steps_per_s": (step - window_step) / max(elapsed, 1e-9),
                       "elapsed_s": round(time.time() - start_time, 2)}
             if dist.is_main:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "grad_norm": 0.0, "n": 0, "start": time.time(), "start_step": step}
+            sums, window_start, window_step = torch.zeros(4, device=dist.device), time.time(), step
         if step % config.ckpt_every == 0 and step != config.steps:
             save()
+        if config.eval_every and config.data is None and step % config.eval_every == 0 and dist.is_main:
+            from .evaluate import progress_scores
+
+            eval_tick = time.time()
+            scores = progress_scores(ema.model, vae, scaling_factor, latent_shape, config, per_class=20)
+            excluded_s += time.time() - eval_tick
+            metrics.write({"step": step, **scores, "train_s": round(time.time() - tick - excluded_s, 2)})
+            model.train()
         if step % config.sample_every == 0 and step != config.steps:
             grid(out / "samples" / f"step_{step:07d}.png")
             model.train()
     bar.close()
-    timings["train_s"] = round(time.time() - tick, 1)
+    timings["train_s"] = round(time.time() - tick - excluded_s, 1)
     save(final=True)
     dist.barrier()
     if dist.is_main:
@@ -295,5 +300,5 @@ def drop_records_after(path: Path, step: int) -> None:
 def _last_loss(path: Path) -> float | None:
     if not path.is_file():
         return None
-    lines = path.read_text().strip().splitlines()
-    return json.loads(lines[-1])["loss"] if lines else None
+    losses = [record["loss"] for record in map(json.loads, path.read_text().splitlines()) if "loss" in record]
+    return losses[-1] if losses else None
