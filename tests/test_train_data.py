@@ -34,6 +34,9 @@ def test_epoch_batches_are_deterministic_and_split_across_ranks():
     rank0 = {i for b in epoch_batches(100, 4, 0, 0, rank=0, world_size=2) for i, _ in b}
     rank1 = {i for b in epoch_batches(100, 4, 0, 0, rank=1, world_size=2) for i, _ in b}
     assert not rank0 & rank1 and len(rank0) == len(rank1) == 48
+    flips = [f for b in a for _, f in b]
+    assert 0.3 < sum(flips) / len(flips) < 0.7
+    assert not any(f for b in epoch_batches(100, 8, 3, 1, hflip=False) for _, f in b)
     with pytest.raises(ValueError, match="lower --batch-size"):
         epoch_batches(10, 8, 0, 0, world_size=2)
 

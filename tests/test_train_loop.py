@@ -113,6 +113,9 @@ def test_missing_vae_dir(tmp_path):
 
 
 def test_bad_options():
+    with pytest.raises(ValueError, match="--data needs --vae"):
+        build_config(None, "some/dir")
+    assert build_config(None, "some/dir", vae="none").image_size == 256
     with pytest.raises(ValueError, match="--window-radius"):
         build_config("tiny", None, attention="local")
     with pytest.raises(ValueError, match="'full' or 'local'"):
@@ -127,3 +130,18 @@ def test_local_attention_run(tmp_path):
     assert config["attention"] == {"kind": "local", "radius": 2, "down_factor": 0}
     model, _ = checkpoint.load_model(out / "checkpoint")
     assert model.attention_config["kind"] == "local"
+
+
+def test_ema_matches_its_formula():
+    from train.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=True)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1)  # warmup decay min(0.9, 2/11)
+    torch.testing.assert_close(ema.model.weight, start + (1 - 2 / 11))
+    assert EMA(model, 0.9999).decay_at(1) == 0.9999 and ema.decay_at(10_000) == 0.9
+    with pytest.raises(ValueError, match="EMA decay"):
+        EMA(model, 1.0)

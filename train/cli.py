@@ -18,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts show defaults in [brackets], not markup
     help="Train DiT / U-DiT / CLEAR models. Without a command: train (the default run needs no options).",
 )
 
@@ -66,11 +67,12 @@ def train_command(
     ctx: typer.Context,
     preset: Annotated[Optional[str], typer.Option(help="mnist (default without --data), dit (default with --data), tiny (tests)")] = None,
     data: Annotated[Optional[str], typer.Option(help="ImageFolder DIR (class subfolders of jpg/png); default: the embedded MNIST digits")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Centre crop + resize to this side [mnist: 32; dit: 32]")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Centre crop + resize to this side [mnist: 32; dit: 256]")] = None,
     image_channels: Annotated[Optional[int], typer.Option(help="1 or 3; pixel-space folder data only (a VAE fixes it) [3]")] = None,
-    vae: Annotated[Optional[str], typer.Option(help="diffusers AutoencoderKL DIR or 'none' (pixel space) [mnist: runs/vae, trained if missing]")] = None,
-    vae_steps: Annotated[Optional[int], typer.Option(help="Steps for the digit VAE when it has to be trained first [600]")] = None,
+    vae: Annotated[Optional[str], typer.Option(help="diffusers AutoencoderKL DIR or 'none' (pixel space); required with --data [mnist: runs/vae, trained if missing]")] = None,
+    vae_steps: Annotated[Optional[int], typer.Option(help="Steps for the digit VAE when it has to be trained first [300]")] = None,
     cache_latents: Annotated[Optional[bool], typer.Option("--cache-latents/--no-cache-latents", help="Pre-extract VAE latents once [mnist: on]")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips [dit: on; mnist: off]")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model name (models.MODEL_NAMES) [mnist: dit_tiny_2; dit: dit_xl_2]")] = None,
     model_arg: Annotated[Optional[list[str]], typer.Option(help="Constructor override KEY=VALUE, repeatable (e.g. depth=6)")] = None,
     num_classes: Annotated[Optional[int], typer.Option(help="Model classes [number of classes in the data]")] = None,
@@ -78,12 +80,12 @@ def train_command(
     window_radius: Annotated[Optional[int], typer.Option(help="CLEAR disc radius in tokens (with --attention local)")] = None,
     down_factor: Annotated[Optional[int], typer.Option(help="CLEAR pooled key/value factor d (with --attention local)")] = None,
     cfg_channels: Annotated[Optional[str], typer.Option(help="Guided output channels: an int or 'all' [mnist: all; dit: 3]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [dit: 1e-4; mnist: 1e-3]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [dit: 1e-4; mnist: 3e-3]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [0]")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay [dit: 0.9999; mnist: 0.999]")] = None,
     ema_warmup: Annotated[Optional[bool], typer.Option("--ema-warmup/--no-ema-warmup", help="decay min(d, (1+n)/(10+n)) [mnist: on]")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the model forward [off]")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm; 0 = off [dit: 0; mnist: 1]")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm; 0 = off [0]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Global seed [0]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps [dit: 400000; mnist: see docs/training.md]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size, split over ranks [dit: 256]")] = None,
@@ -111,7 +113,7 @@ def train_command(
     try:
         config = build_config(
             preset, data, image_size=image_size, image_channels=image_channels, vae=vae, vae_steps=vae_steps,
-            cache_latents=cache_latents, model=model, model_args=_model_args(model_arg), num_classes=num_classes,
+            cache_latents=cache_latents, hflip=hflip, model=model, model_args=_model_args(model_arg), num_classes=num_classes,
             attention=attention, window_radius=window_radius, down_factor=down_factor,
             cfg_channels=_cfg_channels(cfg_channels), lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
             ema_warmup=ema_warmup, bf16=bf16, grad_clip=grad_clip, seed=seed, steps=steps, batch_size=batch_size,
@@ -127,7 +129,7 @@ def train_command(
 @app.command("vae")
 def vae_command(
     out: Annotated[str, typer.Option(help="Output AutoencoderKL directory")] = "runs/vae",
-    steps: Annotated[int, typer.Option(help="Training steps")] = 600,
+    steps: Annotated[int, typer.Option(help="Training steps")] = 300,
     batch_size: Annotated[int, typer.Option(help="Batch size")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle)")] = 2e-3,
     kl_weight: Annotated[float, typer.Option(help="Weight of the KL term (mean per latent element)")] = 1e-4,

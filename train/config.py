@@ -20,11 +20,12 @@ PRESET_NAMES = ("mnist", "dit", "tiny")
 class TrainConfig:
     out: str = "runs/default"
     data: str | None = None  # None = the embedded MNIST digits
-    image_size: int = 32
+    image_size: int = 256
     image_channels: int = 3  # folder data in pixel space; a VAE's in_channels wins otherwise
-    vae: str = "none"  # diffusers AutoencoderKL dir, or "none" for pixel space
-    vae_steps: int = 600  # only when the digit VAE has to be trained first
+    vae: str | None = None  # diffusers AutoencoderKL dir, or "none" for pixel space; must be chosen for --data
+    vae_steps: int = 300  # only when the digit VAE has to be trained first
     cache_latents: bool = False
+    hflip: bool = True  # DiT's only augmentation; off for digits (a mirrored 3 is not a 3)
     model: str = "dit_xl_2"
     model_args: dict = field(default_factory=dict)
     num_classes: int | None = None  # None = number of classes in the data
@@ -54,6 +55,11 @@ class TrainConfig:
     resume: bool = False
 
     def validate(self) -> None:
+        if self.vae is None:
+            raise ValueError(
+                "--data needs --vae DIR (a diffusers AutoencoderKL directory, e.g. a local sd-vae-ft-ema) "
+                "or --vae none to train in pixel space"
+            )
         if self.attention not in ("full", "local"):
             raise ValueError(f"--attention must be 'full' or 'local', got {self.attention!r}")
         if self.attention == "local" and not self.window_radius:
@@ -76,15 +82,15 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     "mnist": dict(
-        data=None, image_size=32, vae="runs/vae", cache_latents=True,
-        model="dit_tiny_2", model_args=dict(hidden_size=256, depth=4, num_heads=4),
-        cfg_channels="all", lr=1e-3, ema_decay=0.999, ema_warmup=True, grad_clip=1.0,
-        steps=1800, batch_size=64, workers=0, log_every=50, ckpt_every=300, sample_every=600,
+        data=None, image_size=32, vae="runs/vae", vae_steps=300, cache_latents=True, hflip=False,
+        model="dit_tiny_2", model_args=dict(hidden_size=256, depth=4, num_heads=4, patch_size=2),
+        cfg_channels="all", lr=3e-3, ema_decay=0.999, ema_warmup=True,
+        steps=1500, batch_size=64, workers=0, log_every=50, ckpt_every=250, sample_every=500,
         sample_steps=25, guidance_scale=3.0, eval_per_class=100, eval_steps=25, eval_guidance_scale=3.0,
     ),
     "dit": dict(),
     "tiny": dict(
-        data=None, image_size=32, vae="none", vae_steps=4, cache_latents=True,
+        data=None, image_size=32, vae="none", vae_steps=4, cache_latents=True, hflip=False,
         model="dit_tiny_2", model_args=dict(hidden_size=32, depth=1, num_heads=2, patch_size=8),
         cfg_channels="all", lr=1e-3, ema_decay=0.9, ema_warmup=True,
         steps=6, batch_size=8, workers=0, log_every=2, ckpt_every=3, sample_every=6,

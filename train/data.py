@@ -186,12 +186,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 def epoch_batches(
-    num_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+    num_items: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1, hflip: bool = True
 ) -> list[list[tuple[int, bool]]]:
     """This rank's batches of (index, flip) keys for one epoch.
 
-    The order is torch's DistributedSampler (shuffled with seed + epoch, drop_last) and each item's flip is
-    drawn from a generator seeded with (seed, epoch), so the batches are a pure function of their inputs.
+    The order is torch's DistributedSampler (shuffled with seed + epoch, drop_last) and each item's flip
+    (probability 1/2 when `hflip`) is drawn from a generator seeded with (seed, epoch), so the batches are a
+    pure function of their inputs.
     """
     if num_items < world_size * batch_size:
         raise ValueError(
@@ -202,7 +203,7 @@ def epoch_batches(
         range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     sampler.set_epoch(epoch)
-    flips = torch.rand(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)) < 0.5
+    flips = torch.rand(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)) < (0.5 if hflip else 0.0)
     order = list(sampler)
     return [
         [(i, bool(flips[i])) for i in order[start : start + batch_size]]

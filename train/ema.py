@@ -30,10 +30,9 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         """Blend in `model` (the unwrapped module) after optimizer step number `step` (1-based)."""
         weight = 1.0 - self.decay_at(step)
-        ema_state = self.model.state_dict()
-        for name, value in model.state_dict().items():
-            target = ema_state[name]
-            if target.is_floating_point():
-                target.lerp_(value.to(target.dtype), weight)
-            else:
-                target.copy_(value)
+        ema_state, state = self.model.state_dict(), model.state_dict()
+        floats = [name for name, value in ema_state.items() if value.is_floating_point()]
+        torch._foreach_lerp_([ema_state[n] for n in floats], [state[n].to(ema_state[n].dtype) for n in floats], weight)
+        for name, value in ema_state.items():
+            if not value.is_floating_point():
+                value.copy_(state[name])

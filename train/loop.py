@@ -210,9 +210,10 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
     loader_epoch = -1
     batches: list = []
     tick = time.time()
-    excluded_s = 0.0  # time spent in --eval-every evaluations, not counted as training time
-    # running sums of (loss, mse, vb, grad norm) stay on the device: no host sync until a log step
-    sums, window_start, window_step = torch.zeros(4, device=dist.device), time.time(), step
+    tick_cpu = time.process_time()
+    excluded_s = excluded_cpu_s = 0.0  # time spent in --eval-every evaluations, not counted as training time
+    # running sums of (loss, mse, vb) stay on the device: no host sync until a log step
+    sums, window_start, window_step = torch.zeros(3, device=dist.device), time.time(), step
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not (progress and dist.is_main), dynamic_ncols=True)
@@ -220,7 +221,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
     while step < config.steps:
         epoch, position = divmod(step, batches_per_epoch)
         if epoch != loader_epoch:
-            batches = epoch_batches(len(dataset), local_batch, epoch, config.seed, dist.rank, dist.world_size)
+            batches = epoch_batches(len(dataset), local_batch, epoch, config.seed, dist.rank, dist.world_size, config.hflip)
             loader_epoch = epoch
         batch = dataset[batches[position]]
         torch.manual_seed(step_seed(config.seed, step, dist.rank))
@@ -236,34 +237,37 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
         loss = terms["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        log_step = (step + 1) % config.log_every == 0 or step + 1 == config.steps
         if config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+        elif log_step:  # measured only when logged: a plain loop would not pay for it every step
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         optimizer.step()
         step += 1
         ema.update(model, step)
-        sums += torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(), grad_norm.detach()])
+        sums += torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean()])
         bar.update(1)
-        if step % config.log_every == 0 or step == config.steps:
-            averaged = dist.mean(sums / (step - window_step)).tolist()
+        if log_step:
+            averaged = dist.mean(torch.cat([sums / (step - window_step), grad_norm.reshape(1)])).tolist()
             elapsed = time.time() - window_start
             record = {"step": step, "loss": averaged[0], "mse": averaged[1], "vb": averaged[2],
                       "grad_norm": averaged[3], "lr": config.lr, "steps_per_s": (step - window_step) / max(elapsed, 1e-9),
-                      "elapsed_s": round(time.time() - start_time, 2)}
+                      "elapsed_s": round(time.time() - start_time, 2), "process_cpu_s": round(time.process_time(), 2)}
             if dist.is_main:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            sums, window_start, window_step = torch.zeros(4, device=dist.device), time.time(), step
+            sums, window_start, window_step = torch.zeros(3, device=dist.device), time.time(), step
         if step % config.ckpt_every == 0 and step != config.steps:
             save()
         if config.eval_every and config.data is None and step % config.eval_every == 0 and dist.is_main:
             from .evaluate import progress_scores
 
-            eval_tick = time.time()
+            eval_tick, eval_cpu = time.time(), time.process_time()
             scores = progress_scores(ema.model, vae, scaling_factor, latent_shape, config, per_class=20)
             excluded_s += time.time() - eval_tick
-            metrics.write({"step": step, **scores, "train_s": round(time.time() - tick - excluded_s, 2)})
+            excluded_cpu_s += time.process_time() - eval_cpu
+            metrics.write({"step": step, **scores, "train_s": round(time.time() - tick - excluded_s, 2),
+                           "train_cpu_s": round(time.process_time() - tick_cpu - excluded_cpu_s, 2)})
             model.train()
         if step % config.sample_every == 0 and step != config.steps:
             grid(out / "samples" / f"step_{step:07d}.png")

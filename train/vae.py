@@ -29,7 +29,7 @@ class VaeRecipe:
     block_out_channels: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 4
     norm_num_groups: int = 8
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
     kl_weight: float = 1e-4
