@@ -83,7 +83,7 @@ def calibrate(
     steps: int = 20,
     scheduler: str = "dpm++2m",
     guidance_scale: float = 4.0,
-    method: str = "timestep",
+    method: str = "minmax",
     percentile: float = 1.0,
     batch_size: int = 8,
     eval_samples: int = 16,

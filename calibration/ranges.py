@@ -4,6 +4,9 @@ Diffusion activations move with the timestep: early (noisy) steps and late (clea
 magnitudes, so one plain min-max over the whole trajectory lets the rare wide steps waste int8 levels
 for every other step. TensorRT's diffusion demo keys its amax by step, averages over calibration
 batches within a step, and takes the minimum over the first ``percentile x steps`` steps.
+Both are measured in every report; min-max is the default because on the default MNIST model (32 samples x
+20 dpm++2m steps) the demo's minimum clipped too hard: 94% class accuracy and 24.0 dB PSNR against fp32,
+where min-max kept 100% and 40.4 dB.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("timestep", "minmax")
+METHODS = ("minmax", "timestep")
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_timestep_aggregation_takes_min_of_step_means():
     assert ranges.aggregate("timestep", 1.0)["a"] == 2.0
     assert ranges.aggregate("timestep", 0.5)["a"] == 5.0  # first 2 of 4 steps
     assert ranges.aggregate("minmax")["a"] == 30.0
-    with pytest.raises(ValueError, match="valid: timestep, minmax"):
+    with pytest.raises(ValueError, match="valid: minmax, timestep"):
         ranges.aggregate("entropy")
     with pytest.raises(ValueError, match="no data for steps"):
         StepRanges(num_steps=2, amax={"b": {0: [1.0]}}).per_step_mean("b")

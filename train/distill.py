@@ -128,7 +128,7 @@ def teacher_dataset(teacher, config: DistillConfig, teacher_config: dict, latent
     num_classes = teacher.num_classes
     labels = torch.arange(config.num_samples) % num_classes
     latents = sample_latents(teacher, labels, latent_shape, config.teacher_steps, guidance,
-                             teacher_config["cfg_channels"], seed=config.seed + 17)
+                             teacher_config.get("cfg_channels", 3), seed=config.seed + 17)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"latents": latents.contiguous(), "labels": labels}, str(tmp))
     tmp.replace(path)
@@ -169,7 +169,7 @@ def agreement(teacher, student, vae, scaling_factor, latent_shape, config: Disti
     outputs = {}
     for name, model in (("teacher", teacher), ("student", student)):
         latents = sample_latents(model, labels, latent_shape, config.teacher_steps, guidance,
-                                 teacher_config["cfg_channels"], seed=config.seed + 99, noise=noise)
+                                 teacher_config.get("cfg_channels", 3), seed=config.seed + 99, noise=noise)
         outputs[name] = latents_to_images(vae, scaling_factor, latents)
     report = {"psnr_db": round(psnr(outputs["student"], outputs["teacher"]), 3)}
     if classifier is not None:
@@ -193,7 +193,7 @@ def distill(config: DistillConfig, progress: bool = True) -> dict:
     student = models.linearize(teacher, config.radius, config.down_factor)
     vae, scaling_factor = vae_of(teacher_dir, teacher_config)
     latent_shape = (teacher.in_channels, teacher.config["input_size"], teacher.config["input_size"])
-    guidance = config.guidance_scale if config.guidance_scale is not None else teacher_config["sampling"]["guidance_scale"]
+    guidance = config.guidance_scale if config.guidance_scale is not None else teacher_config.get("sampling", {}).get("guidance_scale", 4.0)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
