@@ -17,7 +17,7 @@ setup: $(BIN)/python
 demo: setup
 	$(BIN)/python -m train
 	$(BIN)/dit-export --checkpoint runs/default/checkpoint --out packages/default --force
-	$(BIN)/dit-sample packages/default --out runs/default/runtime_grid.png
+	$(BIN)/dit-sample packages/default -c 0 -c 1 -c 2 -c 3 -c 4 -c 5 -c 6 -c 7 -c 8 -c 9 --num-per-class 8 --scheduler dpm++2m --steps 20 --out runs/default/runtime_grid.png
 
 test: setup
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
