@@ -71,7 +71,7 @@ def _folder(root, classes=("a", "b", "c"), per_class=3):
 
 def test_image_folder_in_pixel_space(tmp_path):
     data = _folder(tmp_path / "data")
-    out = _run(tmp_path, data=str(data), image_size=16, image_channels=3, steps=2)
+    out = _run(tmp_path, data=str(data), image_size=16, image_channels=3, steps=2, workers=2)
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["model"]["kwargs"]["num_classes"] == 3 and config["model"]["kwargs"]["in_channels"] == 3
     assert config["data"]["classes"] == ["a", "b", "c"] and config["data"]["num_items"] == 9
@@ -145,3 +145,10 @@ def test_ema_matches_its_formula():
     assert EMA(model, 0.9999).decay_at(1) == 0.9999 and ema.decay_at(10_000) == 0.9
     with pytest.raises(ValueError, match="EMA decay"):
         EMA(model, 1.0)
+
+
+def test_bf16_autocast_and_gradient_clipping(tmp_path):
+    out = _run(tmp_path, steps=2, log_every=1, bf16=True, grad_clip=1e-3)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["loss"] < 10 for r in records)
+    assert records[0]["grad_norm"] > 1e-3  # reported before clipping

@@ -207,8 +207,17 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
         with torch.no_grad():
             return vae.encode(images).latent_dist.sample() * scaling_factor
 
-    loader_epoch = -1
-    batches: list = []
+    workers = config.workers if isinstance(dataset, ImageFolderDataset) else 0  # in-memory data needs none
+
+    def batches_from(first_step: int):
+        """Batches from `first_step` on, across epochs; decoding runs in `workers` DataLoader processes."""
+        epoch, position = divmod(first_step, batches_per_epoch)
+        while True:
+            keys = epoch_batches(len(dataset), local_batch, epoch, config.seed, dist.rank, dist.world_size, config.hflip)
+            yield from torch.utils.data.DataLoader(dataset, sampler=keys[position:], batch_size=None, num_workers=workers,
+                                                   pin_memory=dist.device.type == "cuda")
+            epoch, position = epoch + 1, 0
+
     tick = time.time()
     tick_cpu = time.process_time()
     excluded_s = excluded_cpu_s = 0.0  # time spent in --eval-every evaluations, not counted as training time
@@ -218,12 +227,9 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
 
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not (progress and dist.is_main), dynamic_ncols=True)
     model.train()
+    batches = batches_from(step)
     while step < config.steps:
-        epoch, position = divmod(step, batches_per_epoch)
-        if epoch != loader_epoch:
-            batches = epoch_batches(len(dataset), local_batch, epoch, config.seed, dist.rank, dist.world_size, config.hflip)
-            loader_epoch = epoch
-        batch = dataset[batches[position]]
+        batch = next(batches)
         torch.manual_seed(step_seed(config.seed, step, dist.rank))
         x = to_latents(batch)
         y = batch["label"].to(dist.device)
@@ -273,6 +279,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
             grid(out / "samples" / f"step_{step:07d}.png")
             model.train()
     bar.close()
+    batches.close()
     timings["train_s"] = round(time.time() - tick - excluded_s, 1)
     save(final=True)
     dist.barrier()
