@@ -50,7 +50,7 @@ def fsync_dir(path: Path) -> None:
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
     """safetensors bytes of a state_dict (contiguous, shared storage broken)."""
-    return save({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()})
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
 
 
 def copy_tree(src: Path, dst: Path) -> None:

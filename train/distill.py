@@ -139,9 +139,9 @@ def teacher_dataset(teacher, config: DistillConfig, teacher_config: dict, latent
 def probe_batch(latents: torch.Tensor, labels: torch.Tensor, seed: int, size: int = 256):
     """A fixed (x_t, t, y) batch on which eps and attention agreement are measured before and after."""
     generator = torch.Generator().manual_seed(seed + 7)
-    index = torch.randperm(len(labels), generator=generator)[:size]
-    t = torch.randint(0, 1000, (len(index),), generator=generator)
-    noise = torch.randn(latents[index].shape, generator=generator)
+    index = torch.randperm(len(labels), generator=generator)[:size].to(labels.device)
+    t = torch.randint(0, 1000, (len(index),), generator=generator).to(labels.device)
+    noise = torch.randn(latents[index].shape, generator=generator).to(latents.device)
     return create_diffusion().q_sample(latents[index], t, noise), t, labels[index]
 
 
@@ -183,27 +183,29 @@ def distill(config: DistillConfig, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     start = time.time()
+    if config.steps < 1 or config.num_samples < 1 or config.layer_stride < 1:
+        raise ValueError("--steps, --num-samples and --layer-stride must be >= 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_dir = checkpoint.recover(config.teacher)
     teacher, teacher_config = checkpoint.load_model(teacher_dir)
     if teacher_config["attention"].get("kind") != "full":
         raise ValueError(f"the teacher {teacher_dir} already uses {teacher_config['attention']} attention; distill from a full-attention checkpoint")
-    if config.steps < 1 or config.num_samples < 1 or config.layer_stride < 1:
-        raise ValueError("--steps, --num-samples and --layer-stride must be >= 1")
-    teacher.eval().requires_grad_(False)
+    teacher = teacher.to(device).eval().requires_grad_(False)
     student = models.linearize(teacher, config.radius, config.down_factor)
     vae, scaling_factor = vae_of(teacher_dir, teacher_config)
+    vae = vae.to(device) if vae is not None else None
     latent_shape = (teacher.in_channels, teacher.config["input_size"], teacher.config["input_size"])
     guidance = config.guidance_scale if config.guidance_scale is not None else teacher_config.get("sampling", {}).get("guidance_scale", 4.0)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
     classifier = None
-    if teacher_config["data"]["kind"] == "mnist":
+    if teacher_config.get("data", {}).get("kind") == "mnist":
         from .classifier import load_classifier
 
         classifier = load_classifier()[0]
     tick = time.time()
-    latents, labels = teacher_dataset(teacher, config, teacher_config, latent_shape, guidance, out)
+    latents, labels = (v.to(device) for v in teacher_dataset(teacher, config, teacher_config, latent_shape, guidance, out))
     data_s = time.time() - tick
     teacher_hooks = AttentionRecorder(teacher, config.layer_stride)
     student_hooks = AttentionRecorder(student, config.layer_stride)
@@ -224,12 +226,12 @@ def distill(config: DistillConfig, progress: bool = True) -> dict:
         recorder.enabled = True
     bar = tqdm(range(1, config.steps + 1), desc="distill", disable=not progress)
     for step in bar:
-        index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
+        index = torch.randint(0, len(labels), (config.batch_size,), generator=generator).to(device)
         x0 = latents[index]
-        drop = torch.rand(len(index), generator=generator) < config.null_label_prob
+        drop = (torch.rand(len(index), generator=generator) < config.null_label_prob).to(device)
         y = torch.where(drop, torch.full_like(labels[index], null), labels[index])
-        t = torch.randint(0, diffusion.num_timesteps, (len(index),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, diffusion.num_timesteps, (len(index),), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         with torch.no_grad():
             teacher_out = teacher(diffusion.q_sample(x0, t, noise), t, y)
         teacher_attn = teacher_hooks.take()
