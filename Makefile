@@ -14,7 +14,9 @@ setup: $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[cpu,dev]"
 
+# demo starts from scratch each time: train refuses to overwrite a checkpoint (use --resume for that).
 demo: setup
+	rm -rf runs/default
 	$(BIN)/python -m train
 	$(BIN)/dit-export --checkpoint runs/default/checkpoint --out packages/default --force
 	$(BIN)/dit-sample packages/default -c 0 -c 1 -c 2 -c 3 -c 4 -c 5 -c 6 -c 7 -c 8 -c 9 --num-per-class 8 --scheduler dpm++2m --steps 20 --out runs/default/runtime_grid.png

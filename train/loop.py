@@ -42,7 +42,7 @@ def open_dataset(config: TrainConfig, channels: int):
     return ImageFolderDataset(config.data, config.image_size, channels)
 
 
-def resolve_vae(config: TrainConfig, dist: distributed.Dist):
+def resolve_vae(config: TrainConfig, dist: distributed.Dist, progress: bool = True):
     """(vae or None, scaling factor, directory or None, trained_here). Trains the digit VAE when it is missing."""
     if config.vae == "none":
         return None, 1.0, None, False
@@ -54,7 +54,7 @@ def resolve_vae(config: TrainConfig, dist: distributed.Dist):
         if dist.is_main:
             log.info("no VAE at %s: training the digit VAE first (%d steps)", path, config.vae_steps)
             images = DigitsDataset(32)[[(i, False) for i in range(5000)]]["image"]
-            train_vae(images, path, VaeRecipe(steps=config.vae_steps, seed=config.seed))
+            train_vae(images, path, VaeRecipe(steps=config.vae_steps, seed=config.seed), progress=progress)
         dist.barrier()
         trained_here = True
     vae, scaling_factor = load_vae(path)
@@ -130,7 +130,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
     timings: dict[str, float] = {}
 
     tick = time.time()
-    vae, scaling_factor, vae_dir, vae_trained_here = resolve_vae(config, dist)
+    vae, scaling_factor, vae_dir, vae_trained_here = resolve_vae(config, dist, progress)
     timings["vae_s"] = round(time.time() - tick, 1)
     channels = int(vae.config.in_channels) if vae is not None else (1 if config.data is None else config.image_channels)
     dataset = open_dataset(config, channels)
