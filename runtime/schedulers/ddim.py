@@ -10,15 +10,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.schedulers.schedule import NoiseSchedule
+from runtime.schedulers.schedule import NoiseSchedule, UnscaledInput
 
 
-class DDIMScheduler:
+class DDIMScheduler(UnscaledInput):
     """x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma noise, sigma = eta * sigma_DDPM."""
 
     name = "ddim"
     default_steps = 50
-    init_noise_sigma = np.float32(1.0)
 
     def __init__(self, schedule: NoiseSchedule, steps: int, eta: float = 0.0) -> None:
         if eta < 0:
@@ -30,9 +29,6 @@ class DDIMScheduler:
         previous = self.timesteps - ratio
         self._abar = abar[self.timesteps]
         self._abar_prev = np.where(previous >= 0, abar[np.maximum(previous, 0)], np.float32(1.0)).astype(np.float32)
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return x
 
     def step(
         self,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.schedulers.schedule import NoiseSchedule
+from runtime.schedulers.schedule import NoiseSchedule, UnscaledInput
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
@@ -30,12 +30,11 @@ def space_timesteps(num_timesteps: int, count: int) -> list[int]:
     return kept
 
 
-class DDPMScheduler:
+class DDPMScheduler(UnscaledInput):
     """DiT's ADM sampler: x_{k-1} = posterior mean from predicted x0 + exp(logvar / 2) * noise."""
 
     name = "ddpm"
     default_steps = 250
-    init_noise_sigma = np.float32(1.0)
 
     def __init__(self, schedule: NoiseSchedule, steps: int, learn_sigma: bool = True) -> None:
         self.learn_sigma = learn_sigma
@@ -57,9 +56,6 @@ class DDPMScheduler:
         with np.errstate(divide="ignore"):
             self._min_log = np.log(posterior_variance)[reverse].astype(np.float32)
         self._max_log = np.log(betas)[reverse].astype(np.float32)
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return x
 
     def step(
         self,

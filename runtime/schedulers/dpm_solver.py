@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.schedulers.schedule import NoiseSchedule
+from runtime.schedulers.schedule import NoiseSchedule, UnscaledInput
 
 
 def _alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
@@ -21,12 +21,11 @@ def _alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.f
     return alpha, sigma_t, np.log(alpha) - np.log(sigma_t)
 
 
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(UnscaledInput):
     """Multistep DPM-Solver++: exponential integrator on x0 predictions, midpoint second-order correction."""
 
     name = "dpm++2m"
     default_steps = 50
-    init_noise_sigma = np.float32(1.0)
 
     def __init__(self, schedule: NoiseSchedule, steps: int) -> None:
         last = schedule.num_train_timesteps - 1
@@ -36,9 +35,6 @@ class DPMSolverMultistepScheduler:
         sigmas = np.interp(self.timesteps, np.arange(last + 1), train_sigmas)
         self._sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         self._previous_x0: np.ndarray | None = None
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return x
 
     def step(
         self,

@@ -53,3 +53,12 @@ class NoiseSchedule:
         betas = self.betas64().astype(np.float32)
         alphas = np.float32(1.0) - betas
         return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+class UnscaledInput:
+    """Schedulers whose initial noise is N(0, I) and whose model input is the sample itself (all but euler)."""
+
+    init_noise_sigma = np.float32(1.0)
+
+    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
+        return x
