@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from benchmarks import report
-from benchmarks.harness import REPO_ROOT, Settings, cpu_description
+from benchmarks.harness import REPO_ROOT, Settings, cpu_description, cpu_jiffies, steal_share
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -68,16 +68,18 @@ def main(
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(quick=quick, threads=threads, workdir=workdir.resolve(), repeats=repeats or (2 if quick else 5),
-                        profile_dir=profile_dir, compile_timeout=compile_timeout)
+                        profile_dir=profile_dir, compile_timeout=compile_timeout,
+                        steal_retries=0 if quick else 2)  # quick numbers mean nothing: never measure twice
     cpu = cpu_description()
     modules = _section_modules()
     try:
         for name in sections:
             meta = report.run_meta(quick, threads, cpu)
-            start = time.perf_counter()
+            start, jiffies = time.perf_counter(), cpu_jiffies()
             typer.echo(f"[benchmarks] {name} ...", err=True)
             data = modules[name].run(settings)
-            path = report.save_section(results_dir, name, data, meta | {"seconds": time.perf_counter() - start})
+            path = report.save_section(results_dir, name, data, meta | {
+                "seconds": time.perf_counter() - start, "steal_share": steal_share(jiffies, cpu_jiffies())})
             typer.echo(f"[benchmarks] {name} done in {time.perf_counter() - start:.0f} s -> {path}", err=True)
     finally:
         if not keep:

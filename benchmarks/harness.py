@@ -42,6 +42,8 @@ class Settings:
     profile_dir: Path | None = None  # where --profile writes per-op tables; None = no profiling
     compile_timeout: float = 300.0
     worker_timeout: float = 900.0
+    max_steal: float = 0.05  # share of CPU time the hypervisor may take before a measurement is repeated
+    steal_retries: int = 2
     log_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,25 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(stolen, total) CPU time of the whole machine from /proc/stat, in clock ticks; (0, 0) if unknown.
+
+    On a shared virtual machine the hypervisor can take the cores away for minutes ("steal"), which
+    slows a measurement 2-3x without any sign in the process itself; recording it makes such a row visible.
+    """
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Fraction of the machine's CPU time stolen by the hypervisor between two cpu_jiffies() readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def _last_error_line(log: Path) -> str:
     """The line of a log that says why a process failed (the last non-empty line, usually the exception)."""
     try:
@@ -97,6 +118,7 @@ def run_process(argv: list[str], settings: Settings, label: str, timeout: float 
     """
     timeout = settings.worker_timeout if timeout is None else timeout
     log = settings.log_dir / f"{label}.log"
+    jiffies = cpu_jiffies()
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=thread_env(settings.threads),
@@ -115,7 +137,7 @@ def run_process(argv: list[str], settings: Settings, label: str, timeout: float 
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     result = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-              "returncode": proc.returncode, "log": str(log)}
+              "returncode": proc.returncode, "log": str(log), "steal": steal_share(jiffies, cpu_jiffies())}
     if timed_out:
         result["status"] = f"timeout after {timeout:.0f} s"
     elif proc.returncode != 0:
@@ -129,8 +151,20 @@ def run_worker(settings: Settings, target: str, kwargs: dict, label: str, timeou
     """Call `module:function(**kwargs)` in a fresh interpreter (benchmarks.worker); its dict plus process stats.
 
     The worker's own dict decides the status when it ran ("ok" or "unavailable: ..."); a crash, a
-    timeout or a non-zero exit becomes "unavailable: <reason>".
+    timeout or a non-zero exit becomes "unavailable: <reason>". A measurement during which the hypervisor
+    stole more than `settings.max_steal` of the CPU is taken again (up to `settings.steal_retries` times)
+    and the least disturbed one is kept; its steal share is in the row.
     """
+    attempts = [_run_worker_once(settings, target, kwargs, label, timeout)]
+    while (ok(attempts[-1]) and attempts[-1]["process"]["steal"] > settings.max_steal
+           and len(attempts) <= settings.steal_retries):
+        attempts.append(_run_worker_once(settings, target, kwargs, label, timeout))
+    best = min(attempts, key=lambda row: row["process"]["steal"])
+    best["process"]["attempts"] = len(attempts)
+    return best
+
+
+def _run_worker_once(settings: Settings, target: str, kwargs: dict, label: str, timeout: float | None) -> dict:
     with tempfile.TemporaryDirectory(dir=settings.workdir) as tmp:
         args_path, out_path = Path(tmp) / "args.json", Path(tmp) / "result.json"
         args_path.write_text(json.dumps(kwargs))
@@ -140,7 +174,7 @@ def run_worker(settings: Settings, target: str, kwargs: dict, label: str, timeou
     if process["status"] != "ok" and not str(result.get("status", "")).startswith("unavailable"):
         result["status"] = f"unavailable: {process['status']}"
     result.setdefault("status", "ok")
-    result["process"] = {key: process[key] for key in ("wall_s", "cpu_s", "peak_rss_mb", "log")}
+    result["process"] = {key: process[key] for key in ("wall_s", "cpu_s", "peak_rss_mb", "log", "steal")}
     return result
 
 
@@ -190,17 +224,22 @@ def ort_session(model: str | bytes, threads: int, profile_prefix: str | None = N
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def ort_profile_summary(trace_path: str | Path, top: int = 20) -> str:
-    """Top op types by total time from an ONNX Runtime profile trace (Chrome trace JSON), as a text table."""
+def ort_op_totals(trace_path: str | Path) -> tuple[int, dict[str, tuple[float, int]]]:
+    """(runs, {op type: (total ms, calls)}) from an ONNX Runtime profile trace (Chrome trace JSON)."""
     events = json.loads(Path(trace_path).read_text())
     runs = sum(1 for event in events if event.get("name") == "model_run")
-    totals: dict[str, list[float]] = {}
+    totals: dict[str, tuple[float, int]] = {}
     for event in events:
         if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
             op_type = event.get("args", {}).get("op_name", "?")
-            entry = totals.setdefault(op_type, [0.0, 0])
-            entry[0] += event.get("dur", 0) / 1e3
-            entry[1] += 1
+            ms, calls = totals.get(op_type, (0.0, 0))
+            totals[op_type] = (ms + event.get("dur", 0) / 1e3, calls + 1)
+    return runs, totals
+
+
+def ort_profile_summary(trace_path: str | Path, top: int = 20) -> str:
+    """Top op types by total time from an ONNX Runtime profile trace, as a text table."""
+    runs, totals = ort_op_totals(trace_path)
     grand = sum(ms for ms, _ in totals.values()) or 1.0
     lines = [f"ONNX Runtime per-op profile over {runs} run(s); times summed over runs",
              f"{'op type':<32}{'total ms':>12}{'share':>8}{'calls':>8}"]
@@ -212,7 +251,8 @@ def ort_profile_summary(trace_path: str | Path, top: int = 20) -> str:
 def timed_ort_run(model_path: str, threads: int, feeds: dict, warmup: int, repeats: int,
                   profile_path: str | None = None) -> dict:
     """Median session.run(feeds) of an ONNX model; with profile_path, a second, profiled session (so profiling
-    overhead never enters the timing) runs as often and its per-op summary is written there."""
+    overhead never enters the timing) runs as often, its per-op summary is written there and its per-run
+    milliseconds per op type are returned as `op_ms` (the report splits them into GEMM and the rest)."""
     session = ort_session(model_path, threads)
     result = time_call(lambda: session.run(None, feeds), warmup, repeats)
     del session
@@ -222,6 +262,8 @@ def timed_ort_run(model_path: str, threads: int, feeds: dict, warmup: int, repea
             profiled.run(None, feeds)
         trace = profiled.end_profiling()
         Path(profile_path).write_text(ort_profile_summary(trace))
+        runs, totals = ort_op_totals(trace)
+        result["op_ms"] = {op_type: ms / max(runs, 1) for op_type, (ms, _) in totals.items()}
         Path(trace).unlink(missing_ok=True)
         result["profile"] = str(profile_path)
     return result

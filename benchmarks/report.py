@@ -280,6 +280,47 @@ def _denoiser_md(section: dict, ceiling: float | None) -> str:
                       "peak RSS MiB"], rows))
 
 
+# Op types that run a weight product in integer arithmetic after ONNX Runtime's QDQ fusions.
+INT8_GEMM_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QLinearConv", "ConvInteger",
+                 "DynamicQuantizeMatMul")
+FLOAT_GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm", "Conv")
+
+
+def int8_breakdown(section: dict) -> list[dict]:
+    """Per model with profiled fp32 and int8 rows: where the step time goes, and the best int8 could do.
+
+    Amdahl's bound: if the int8 products took no time at all, the step would still pay for everything
+    else (normalisation, GELU, softmax, the float attention products, layout ops, quantize nodes), so
+    fp32 step / (int8 step - int8 product time) caps the int8 speed-up of this graph.
+    """
+    found = []
+    for model in section.get("models", []):
+        fp32, int8 = _step({"denoiser": section}, model, "ort_fp32"), _step({"denoiser": section}, model, "ort_int8")
+        if not (_ok(fp32) and _ok(int8) and "op_ms" in fp32 and "op_ms" in int8):
+            continue
+        fp32_total, int8_total = sum(fp32["op_ms"].values()), sum(int8["op_ms"].values())
+        fp32_gemm = sum(ms for op, ms in fp32["op_ms"].items() if op in FLOAT_GEMM_OPS)
+        int8_gemm = sum(ms for op, ms in int8["op_ms"].items() if op in INT8_GEMM_OPS)
+        rest = int8_total - int8_gemm
+        found.append({"model": model, "fp32_ms": fp32_total, "fp32_gemm_ms": fp32_gemm, "int8_ms": int8_total,
+                      "int8_gemm_ms": int8_gemm, "int8_rest_ms": rest,
+                      "quantize_ms": sum(int8["op_ms"].get(op, 0.0) for op in ("QuantizeLinear", "DequantizeLinear")),
+                      "speedup": fp32_total / int8_total if int8_total else None,
+                      "bound": fp32_total / rest if rest else None})
+    return found
+
+
+def _int8_md(found: list[dict]) -> str:
+    rows = [[b["model"], f"{b['fp32_ms']:.1f}", f"{b['fp32_gemm_ms']:.1f}", f"{b['int8_ms']:.1f}",
+             f"{b['int8_gemm_ms']:.1f}", f"{b['int8_rest_ms']:.1f}", f"{b['quantize_ms']:.1f}",
+             f"{b['speedup']:.2f}x", f"{b['bound']:.2f}x"] for b in found]
+    return ("Per-op profiles (`--profile`, ms per step, summed over op types). The int8 denoiser quantizes the weight "
+            "products only; everything else stays float, so the last column, fp32 step / (int8 step minus its int8 "
+            "products), is the speed-up int8 could reach even if its products were free.\n\n"
+            + _table(["model", "fp32 step", "fp32 products", "int8 step", "int8 products", "int8 rest",
+                      "of which Q/DQ", "int8 speed-up", "bound (free products)"], rows))
+
+
 def _attention_md(section: dict) -> str:
     grids = section["grids"]
     summary = section["summary"]
@@ -345,8 +386,10 @@ def markdown(sections: dict, targets: list[dict], plots: list[Path], profiles: l
         lines += [f"Machine: {cpu['model']}, {cpu['logical_cores']} logical cores, ISA {' '.join(cpu['isa'])}; "
                   f"{meta['threads']} threads (a 1-minute load average near or above the core count inflates the "
                   f"numbers, torch's most); Python {meta['python']}; {versions}.", ""]
-    lines += ["Sections, when they were measured and the load average then: "
-              + ", ".join(f"{name} ({section['meta']['date']}, load {section['meta'].get('load_average_1min', 0):.1f})"
+    lines += ["Sections, when they were measured, the load average then and the share of CPU time the hypervisor "
+              "stole (a measurement disturbed by more than 5% steal is taken again, the least disturbed kept): "
+              + ", ".join(f"{name} ({section['meta']['date']}, load {section['meta'].get('load_average_1min', 0):.1f}, "
+                          f"steal {section['meta'].get('steal_share', 0):.0%})"
                           for name, section in sections.items()), "",
               "## Targets", "", targets_table(targets), ""]
     gemm = sections.get("gemm")
@@ -362,6 +405,8 @@ def markdown(sections: dict, targets: list[dict], plots: list[Path], profiles: l
     for name, title, render in sections_md:
         if name in sections:
             lines += [f"## {title}", "", render(sections[name]), ""]
+        if name == "denoiser" and name in sections and int8_breakdown(sections[name]):
+            lines += ["### Where the int8 step time goes", "", _int8_md(int8_breakdown(sections[name])), ""]
     if plots:
         lines += ["## Plots", ""]
         for plot in plots:

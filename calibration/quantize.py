@@ -82,6 +82,9 @@ def quantize_int8(
                 "WeightSymmetric": True,
                 # TensorRT rejects int32 bias Q/DQ; a float bias Add costs nothing.
                 "QuantizeBias": False,
+                # Q/DQ on the inputs only, as NVIDIA's recipe: a float output lets ONNX Runtime fuse
+                # DQ -> MatMul into MatMulIntegerToFloat instead of requantizing and dequantizing again.
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
             },
         )

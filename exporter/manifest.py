@@ -5,7 +5,6 @@ validator here is strict and names every problem it finds at once. Layout: docs/
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -13,22 +12,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+# The runtime is torch-free, so the writer can share the reader's hashing.
+from runtime.manifest import SCHEMA_VERSION, sha256_file
+
 CUSTOM_OP_DOMAIN = "dit_ops"
 CUSTOM_OP_NAMES = ("DownsampledAttention", "LocalWindowAttention")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 DTYPES = ("float32", "float16", "int64", "int32")
 TOLERANCES = {"fp32": {"max_abs_error_over_scale": 1e-4}, "fp16": {"cosine_similarity": 0.999}}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, read in chunks so multi-GB external data files do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_files(package_dir: str | Path) -> dict[str, str]:

@@ -110,7 +110,8 @@ def resolve(package_dir: Path, relative: str) -> Path:
     return package_dir.joinpath(*pure.parts)
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    """sha256 read in chunks, so multi-GB external data files never sit in memory (the exporter uses it too)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk_size):

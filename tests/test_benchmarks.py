@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
-from benchmarks.harness import Settings, fit_exponent, run_process, run_worker, time_call, timed_ort_run
+from benchmarks import harness, report
+from benchmarks.harness import (Settings, fit_exponent, run_process, run_worker, steal_share, time_call,
+                                timed_ort_run)
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,6 +106,20 @@ def test_worker_failures_become_unavailable_rows(tmp_path):
     assert probe["status"] == "ok" and probe["process"]["peak_rss_mb"] > 1
 
 
+def test_steal_share_and_disturbed_measurements_are_taken_again(tmp_path, monkeypatch):
+    assert steal_share((10, 1000), (60, 2000)) == pytest.approx(0.05)
+    assert steal_share((0, 0), (0, 0)) == 0.0
+    stolen, total = harness.cpu_jiffies()
+    assert 0 <= stolen <= total
+    readings = iter([(0, 0), (50, 100), (50, 100), (60, 200), (60, 200), (61, 300)])  # 50%, 10%, 1% stolen
+    monkeypatch.setattr(harness, "cpu_jiffies", lambda: next(readings))
+    settings = Settings(quick=True, threads=1, workdir=tmp_path, steal_retries=2)
+    row = run_worker(settings, "benchmarks.gemm:numpy_gemm", {"n": 32, "threads": 1, "warmup": 0, "repeats": 1},
+                     label="stolen")
+    assert row["status"] == "ok" and row["process"]["attempts"] == 3
+    assert row["process"]["steal"] == pytest.approx(0.01)
+
+
 def test_ort_profile_summary_counts_runs_and_op_types(tmp_path):
     import numpy as np
     import onnx
@@ -148,3 +163,18 @@ def test_targets_pass_fail_and_unavailable():
     assert by_name["ORT int8 udit_s speed-up over ORT fp32"]["status"] == "unavailable: no calibration"
     assert by_name["ORT fp32 udit_s step / dit_s_2 step"]["status"] == "pass"  # 1.2x
     assert by_name["`import runtime` time (torch-free)"]["status"].startswith("unavailable")
+
+
+def test_int8_breakdown_bounds_the_speedup_by_what_stays_float():
+    ok = lambda ms, op_ms: {"status": "ok", "median_ms": ms, "op_ms": op_ms}  # noqa: E731
+    section = _section("denoiser", models=["dit_s_2", "udit_s"], rows=[
+        {"model": "dit_s_2", "backend": "ort_fp32", **ok(200.0, {"MatMul": 140.0, "Softmax": 10.0, "Add": 50.0})},
+        {"model": "dit_s_2", "backend": "ort_int8",
+         **ok(120.0, {"MatMulIntegerToFloat": 50.0, "MatMul": 10.0, "QuantizeLinear": 5.0, "Add": 55.0})},
+        {"model": "udit_s", "backend": "ort_fp32", "status": "ok", "median_ms": 100.0},  # not profiled: skipped
+    ])
+    (row,) = report.int8_breakdown(section)
+    assert row["model"] == "dit_s_2" and row["fp32_gemm_ms"] == 140.0 and row["int8_gemm_ms"] == 50.0
+    assert row["int8_rest_ms"] == 70.0 and row["quantize_ms"] == 5.0
+    assert row["speedup"] == pytest.approx(200 / 120) and row["bound"] == pytest.approx(200 / 70)
+    assert "2.86x" in report._int8_md([row])

@@ -85,7 +85,7 @@ PRESETS: dict[str, dict] = {
         data=None, image_size=32, vae="runs/vae", vae_steps=300, cache_latents=True, hflip=False,
         model="dit_tiny_2", model_args=dict(hidden_size=256, depth=4, num_heads=4, patch_size=2),
         cfg_channels="all", lr=3e-3, ema_decay=0.999, ema_warmup=True,
-        steps=1500, batch_size=64, workers=0, log_every=50, ckpt_every=250, sample_every=500,
+        steps=1250, batch_size=64, workers=0, log_every=50, ckpt_every=250, sample_every=625,
         sample_steps=25, guidance_scale=3.0, eval_per_class=100, eval_steps=25, eval_guidance_scale=3.0,
     ),
     "dit": dict(),
