@@ -61,7 +61,8 @@ def train_tool(settings: Settings, model: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     steps = settings.warmup + settings.repeats
     # pixel-space digits (1 channel, so CFG on all channels); no intermediate checkpoints, grids or evaluation
-    argv = [sys.executable, "-m", "train", "--preset", "dit", "--model", model, "--vae", "none", "--cfg-channels", "all",
+    argv = [sys.executable, "-m", "train", "--preset", "dit", "--model", model, "--vae", "none", "--image-size", "32",
+            "--cfg-channels", "all",
             "--batch-size", str(TRAIN_BATCH), "--steps", str(steps), "--log-every", "1", "--ckpt-every", str(steps),
             "--sample-every", str(steps), "--sample-steps", "1", "--eval-per-class", "0", "--no-progress",
             "--seed", "0", "--out", str(out)]

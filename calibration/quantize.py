@@ -82,9 +82,11 @@ def quantize_int8(
                 "WeightSymmetric": True,
                 # TensorRT rejects int32 bias Q/DQ; a float bias Add costs nothing.
                 "QuantizeBias": False,
-                # Q/DQ on the inputs only, as NVIDIA's recipe: a float output lets ONNX Runtime fuse
-                # DQ -> MatMul into MatMulIntegerToFloat instead of requantizing and dequantizing again.
-                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),
+                # MatMul / Gemm: Q/DQ on the inputs only, as NVIDIA's recipe; a float output lets ONNX Runtime
+                # fuse DQ -> MatMul into MatMulIntegerToFloat instead of requantizing and dequantizing again.
+                # Conv keeps its output Q/DQ: ONNX Runtime has no integer Conv with a float output, and without
+                # it the Conv would run in float on weights dequantized at every call.
+                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
             },
         )

@@ -3,7 +3,7 @@ function body that ONNX Runtime inlines (standard ops only, no extra library).
 
 The body is driven by the node attributes only, so one FunctionProto serves every node of a model
 (U-DiT stages differ in grid and head_dim). `rope` and `cosine` are blended arithmetically instead of
-branching (rope off = zero angles, cosine off = Where on a constant flag), so the graph has no control
+branching (rope off = zero angles, cosine off = a 0/1 flag weighting two per-token factors), so the graph has no control
 flow and ONNX Runtime folds every table (cos/sin, flags) into constants at load. Softmax and all
 arithmetic run in float32 whatever the input type; the output is cast back to q's type.
 """
@@ -85,21 +85,27 @@ def DownsampledAttention(
     angle = position * freq * op.Cast(op.Constant(value_int=rope), to=1)  # rope off: zero angle = identity
     cos = op.Cos(angle)
     sin = op.Sin(angle)
-    # i * (a + ib) = -b + ia on each pair: swap the two channels and negate the first
+    # i * (a + ib) = -b + ia on each pair, as one product with a constant signed permutation (swap[j, c] =
+    # sign_c where j = partner_c): a (D x D) MatMul is far cheaper in ONNX Runtime than a Gather on the last axis
     parity = op.Mod(channel, 2)
     partner = op.Min(channel + 1 - 2 * parity, dim - 1)
     sign = op.Cast(2 * parity - 1, to=1)
-    qr = qg * cos + op.Gather(qg, partner, axis=4) * sign * sin
-    kr = kg * cos + op.Gather(kg, partner, axis=4) * sign * sin
+    swap = op.Cast(op.Equal(op.Unsqueeze(channel, [1]), op.Unsqueeze(partner, [0])), to=1) * sign
+    qr = qg * cos + op.MatMul(qg, swap) * sin
+    kr = kg * cos + op.MatMul(kg, swap) * sin
 
-    # --- logits: cosine * exp(min(logit_scale, ln 100)), or q.k / sqrt(D)
+    # --- logits: cosine * exp(min(logit_scale, ln 100)), or q.k / sqrt(D). The `cosine` flag blends the two
+    # per-token factors (shape (..., 1)), so each of q and k gets one full-size Mul and no Where
     eps = op.Constant(value_float=1e-12)
     temperature = op.Exp(op.Min(op.Cast(logit_scale, to=1), op.Constant(value_float=schema.MAX_LOGIT_SCALE)))
-    q_cos = qr / op.Max(op.ReduceL2(qr, [-1], keepdims=1), eps) * op.Reshape(temperature, [-1, 1, 1, 1])
-    k_cos = kr / op.Max(op.ReduceL2(kr, [-1], keepdims=1), eps)
-    is_cosine = op.Cast(op.Constant(value_int=cosine), to=9)
-    q_final = op.Where(is_cosine, q_cos, qr * op.Reciprocal(op.Sqrt(op.Cast(dim, to=1))))
-    k_final = op.Where(is_cosine, k_cos, kr)
+    is_cosine = op.Cast(op.Constant(value_int=cosine), to=1)
+    inv_norm_q = op.Reciprocal(op.Max(op.ReduceL2(qr, [-1], keepdims=1), eps))
+    inv_norm_k = op.Reciprocal(op.Max(op.ReduceL2(kr, [-1], keepdims=1), eps))
+    plain_scale = op.Reciprocal(op.Sqrt(op.Cast(dim, to=1)))
+    q_factor = is_cosine * op.Reshape(temperature, [-1, 1, 1, 1]) * inv_norm_q + (1.0 - is_cosine) * plain_scale
+    k_factor = is_cosine * inv_norm_k + (1.0 - is_cosine)
+    q_final = qr * q_factor
+    k_final = kr * k_factor
 
     # --- softmax attention per (batch, head, group), then merge the groups back
     probs = op.Softmax(op.MatMul(q_final, op.Transpose(k_final, perm=[0, 1, 2, 4, 3])), axis=-1)
