@@ -2,7 +2,7 @@
 
 Sections: gemm (fp32 GEMM ceiling), denoiser (step latency per backend), attention (scaling over token
 grids), sampling (runtime vs DiTPipeline end to end, `import runtime`), export_train (dit-export time,
-training throughput). The full run takes about 15 minutes on the 2-core CPU machine; --quick uses tiny
+training throughput). The full run takes about 30-35 minutes on the 2-core CPU machine; --quick uses tiny
 models and grids with 1-2 repetitions (CI checks that the harness works, not the numbers).
 """
 from __future__ import annotations
