@@ -2,7 +2,7 @@
 
 Presets
 - `mnist` (the default without --data): the embedded digits in the latent space of a tiny VAE, sized to
-  finish with metrics in about 10 minutes on 2 CPU cores (recipe and measurements in docs/training.md).
+  finish with metrics in about 12.5 minutes on 2 CPU cores, VAE included (recipe and measurements in docs/training.md).
 - `dit` (the default with --data): the DiT paper recipe (AdamW 1e-4, EMA 0.9999, batch 256, 400K steps).
 - `tiny`: seconds-long runs for tests and smoke checks.
 """
