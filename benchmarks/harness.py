@@ -221,7 +221,10 @@ def ort_session(model: str | bytes, threads: int, profile_prefix: str | None = N
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    from runtime.sessions import DISABLED_OPTIMIZERS  # the runtime's own session settings
+
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def ort_op_totals(trace_path: str | Path) -> tuple[int, dict[str, tuple[float, int]]]:

@@ -20,6 +20,7 @@ from calibration.report import cosine, psnr_uint8, write_report
 from exporter.manifest import refresh_hashes, write_json_atomic
 from runtime import Sampler
 from runtime.manifest import load_manifest, resolve
+from runtime.sessions import DISABLED_OPTIMIZERS  # judge the int8 model exactly as the runtime runs it
 
 PRECISIONS = ("int8", "fp8")
 MIN_SAMPLES = 4
@@ -43,7 +44,7 @@ def _check_args(package: Path, precision: str, samples: int, steps: int) -> dict
 
 
 def _quantized_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def _evaluate(

@@ -87,6 +87,9 @@ def quantize_int8(
                 # Conv keeps its output Q/DQ: ONNX Runtime has no integer Conv with a float output, and without
                 # it the Conv would run in float on weights dequantized at every call.
                 "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                # one Q/DQ pair per consumer: ONNX Runtime fuses a DQ -> MatMul only when the DQ has a single
+                # consumer (q, k, v projections share their input; see runtime.sessions.DISABLED_OPTIMIZERS)
+                "DedicatedQDQPair": True,
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
             },
         )
