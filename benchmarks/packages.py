@@ -55,6 +55,18 @@ def export_package(settings: Settings, model: str, fp16: bool = True, extra: tup
     return row
 
 
+def calibrate_int8(settings: Settings, package: Path, label: str) -> dict:
+    """`python -m calibration PACKAGE --precision int8` with few samples: the benchmarks time int8, the
+    calibration report (not this run) judges its quality. Returns status, command, wall/CPU time, peak RSS."""
+    samples, steps = (4, 2) if settings.quick else (4, 4)
+    argv = [sys.executable, "-m", "calibration", str(package), "--precision", "int8", "--samples", str(samples),
+            "--steps", str(steps), "--eval-samples", str(samples)]
+    result = run_process(argv, settings, label=label)
+    return {"status": "ok" if result["status"] == "ok" else f"unavailable: calibration {result['status']}",
+            "command": "python -m calibration " + " ".join(argv[3:]), "wall_s": result["wall_s"],
+            "cpu_s": result["cpu_s"], "peak_rss_mb": result["peak_rss_mb"]}
+
+
 def package_with(settings: Settings, model: str, precisions: tuple[str, ...]) -> tuple[dict[str, Path], dict]:
     """Paths of packages holding each wanted precision (fp32, fp16, int8) of `model`; plus the export rows.
 
@@ -73,13 +85,7 @@ def package_with(settings: Settings, model: str, precisions: tuple[str, ...]) ->
     if "int8" in precisions and "fp32" in found:
         package = found["fp32"]
         if "int8" not in read_manifest(package)["denoiser"]["precisions"]:
-            samples, steps = (4, 2) if settings.quick else (4, 4)  # speed only; the calibration report judges quality
-            argv = [sys.executable, "-m", "calibration", str(package), "--precision", "int8", "--samples", str(samples),
-                    "--steps", str(steps), "--eval-samples", str(samples)]
-            result = run_process(argv, settings, label=f"calibrate_{model}")
-            exports["int8"] = {"status": "ok" if result["status"] == "ok" else f"unavailable: calibration {result['status']}",
-                               "command": "python -m calibration " + " ".join(argv[3:]), "wall_s": result["wall_s"],
-                               "cpu_s": result["cpu_s"], "peak_rss_mb": result["peak_rss_mb"]}
+            exports["int8"] = calibrate_int8(settings, package, label=f"calibrate_{model}")
         if "int8" in read_manifest(package)["denoiser"]["precisions"]:
             found["int8"] = package
     return {p: found[p] for p in precisions if p in found}, exports

@@ -405,8 +405,9 @@ def markdown(sections: dict, targets: list[dict], plots: list[Path], profiles: l
     for name, title, render in sections_md:
         if name in sections:
             lines += [f"## {title}", "", render(sections[name]), ""]
-        if name == "denoiser" and name in sections and int8_breakdown(sections[name]):
-            lines += ["### Where the int8 step time goes", "", _int8_md(int8_breakdown(sections[name])), ""]
+        breakdown = int8_breakdown(sections[name]) if name == "denoiser" and name in sections else []
+        if breakdown:
+            lines += ["### Where the int8 step time goes", "", _int8_md(breakdown), ""]
     if plots:
         lines += ["## Plots", ""]
         for plot in plots:

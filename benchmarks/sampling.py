@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import Settings, ok, run_process, run_worker, time_call
-from benchmarks.packages import dit_export_command, read_manifest
+from benchmarks.packages import calibrate_int8, dit_export_command, read_manifest
 
 STEPS = {False: 20, True: 5}  # by --quick
 GUIDANCE = 4.0
@@ -119,15 +119,13 @@ def process_output(process: dict) -> str:
 
 
 def _runtime_int8_row(settings: Settings, package: Path, common: dict) -> dict:
-    """The same package with an int8 denoiser (calibrated for speed only: 4 samples x 4 steps); an extra row,
-    not the target's, which compares the same fp32 weights."""
+    """The same package with an int8 denoiser (calibrated for speed only); an extra row, not the target's,
+    which compares the same fp32 weights."""
     label = "runtime.Sampler, int8 denoiser (onnxruntime)"
     if "int8" not in read_manifest(package)["denoiser"]["precisions"]:
-        argv = [sys.executable, "-m", "calibration", str(package), "--precision", "int8", "--samples", "4",
-                "--steps", "4", "--eval-samples", "2"]
-        calibrated = run_process(argv, settings, label="sampling_calibrate")
-        if calibrated["status"] != "ok":
-            return {"status": f"unavailable: calibration {calibrated['status']}", "implementation": label}
+        calibrated = calibrate_int8(settings, package, label="sampling_calibrate")
+        if not ok(calibrated):
+            return {"status": calibrated["status"], "implementation": label}
     return run_worker(settings, "benchmarks.sampling:sample_runtime",
                       {"package": str(package), **common, "precision": "int8"}, label="sampling_runtime_int8") | {
         "implementation": label}

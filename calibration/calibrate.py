@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from calibration.collect import collect_feeds, record_step_ranges
 from calibration.quantize import QUANTIZED_OP_TYPES, float_nodes, quantize_fp8, quantize_int8
@@ -20,7 +19,7 @@ from calibration.report import cosine, psnr_uint8, write_report
 from exporter.manifest import refresh_hashes, write_json_atomic
 from runtime import Sampler
 from runtime.manifest import load_manifest, resolve
-from runtime.sessions import DISABLED_OPTIMIZERS  # judge the int8 model exactly as the runtime runs it
+from runtime.sessions import Session, open_sessions
 
 PRECISIONS = ("int8", "fp8")
 MIN_SAMPLES = 4
@@ -43,13 +42,15 @@ def _check_args(package: Path, precision: str, samples: int, steps: int) -> dict
     return manifest
 
 
-def _quantized_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
+def _quantized_session(path: Path) -> Session:
+    """Opened by the runtime's own code, so the int8 model is judged exactly as the runtime will run it."""
+    (session,), _ = open_sessions([path], "cpu")
+    return session
 
 
 def _evaluate(
     sampler: Sampler,
-    quantized: ort.InferenceSession,
+    quantized: Session,
     feeds: list[tuple[int, dict[str, np.ndarray]]],
     reference_images: np.ndarray,
     eval_labels: np.ndarray,
