@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxscript.optimizer
 import torch
 
 MIN_OPSET = 18  # LayerNormalization as one node (opset 17) and torchlib's own opset (18)
@@ -19,6 +20,9 @@ try:
 except ImportError:  # private module moved: fall back to the highest opset torch 2.13 exports
     MAX_OPSET = 23
 DEFAULT_OPSET = 20
+# torchlib's optimizer folds constants of at most 8192 elements; weights used through a reshape or transpose
+# (U-DiT's 1x1 convs applied as matrix products) need a larger limit to end up as plain initializers.
+FOLD_LIMIT = 2**28
 # Past this many bytes of tensor data the weights go to external data; the margin leaves room for
 # the graph itself under protobuf's hard 2 GiB message limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -69,6 +73,8 @@ def export_module(
             custom_translation_table=custom_translation_table,
             verbose=False,
         )
+    # A weight reshaped at run time would be redone at every load and hidden from calibration and fp16.
+    onnxscript.optimizer.fold_constants(program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
     model = program.model_proto
     _name_batch_dims(model, dynamic_batch)
     return model

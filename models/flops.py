@@ -45,9 +45,9 @@ def attention_macs(module: nn.Module, args: tuple) -> int:
     if isinstance(module, Attention):  # DiT: (B, N, C) tokens and the grid as arguments
         x, grid_h, grid_w = args
         sequences, channels = x.shape[0], x.shape[-1]
-    else:  # U-DiT layers take the (B, C, H, W) map
+    else:  # U-DiT layers take the channels-last (B, H, W, C) map
         (x,) = args
-        sequences, channels, grid_h, grid_w = x.shape
+        sequences, grid_h, grid_w, channels = x.shape
         if isinstance(module, DownsampledAttention):
             sequences, grid_h, grid_w = 4 * sequences, grid_h // 2, grid_w // 2
     window = module.window

@@ -5,6 +5,10 @@ middle at 4C, decoder at 2C and, Restormer-style, 2C again at full resolution. A
 downsampled tokens: dwconv5 (+ identity) then 4 interleaved half-resolution groups with shared weights,
 RoPE2D on the group grid and cosine logits (the `dit_ops::downsampled_attention` op).
 
+Layout: the blocks keep the map channels-last, (B, H, W, C), so every norm, modulation and 1x1 map works on
+the last axis (one matrix product, no permutes); only the k x k convolutions see NCHW, through one permute
+in and one out. The parameters stay nn.Conv2d, so state_dict keys and shapes are upstream's.
+
 Switches cover the paper's variants: `ffn` "rep" (re-parameterisable multi-branch FFN) or "basic"
 (tanh-GELU MLP), `cosine`/`rope` (off = the Table 10 "vanilla" attention), `attention="full"` (plain
 DiT self-attention, the DiT-UNet toy baseline) and `reparameterized` (the fused inference layout that
@@ -23,16 +27,33 @@ from .dit import Denoiser
 from .embeddings import LabelEmbedder, TimestepEmbedder, modulate
 
 
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+class PointwiseConv(nn.Conv2d):
+    """Upstream's 1x1 Conv2d, applied to a channels-last map as the matrix product it is."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.flatten(1), self.bias)
+
+
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels at every pixel, eps 1e-6, no affine parameters."""
+    """LayerNorm over the channels (last axis) at every pixel, eps 1e-6, no affine parameters."""
 
     def __init__(self, num_channels: int):
         super().__init__()
         self.num_channels = num_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (self.num_channels,), eps=1e-6)
-        return x.permute(0, 3, 1, 2)
+        return F.layer_norm(x, (self.num_channels,), eps=1e-6)
 
 
 class DownSampler(nn.Module):
@@ -44,7 +65,8 @@ class DownSampler(nn.Module):
         self.layer = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) + x if self.shortcut else self.layer(x)
+        out = to_nhwc(self.layer(to_nchw(x)))
+        return out + x if self.shortcut else out
 
 
 class DownsampledAttention(nn.Module):
@@ -61,7 +83,7 @@ class DownsampledAttention(nn.Module):
         self.cosine = cosine
         self.rope = rope
         self.to_qkv = nn.Linear(dim, 3 * dim)
-        self.to_out = nn.Conv2d(dim, dim, kernel_size=1)
+        self.to_out = PointwiseConv(dim, dim)
         if cosine:
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.downsampler = DownSampler(dim, shortcut)
@@ -69,8 +91,8 @@ class DownsampledAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsampler(x)
-        b, dim, h, w = x.shape
-        qkv = self.to_qkv(x.flatten(2).transpose(1, 2))
+        b, h, w, dim = x.shape
+        qkv = self.to_qkv(x.reshape(b, h * w, dim))
         q, k, v = qkv.view(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # the op takes a (heads,) log-temperature in every mode; plain attention ignores it
         logit_scale = self.logit_scale.view(self.num_heads) if self.cosine else q.new_zeros(self.num_heads)
@@ -78,7 +100,7 @@ class DownsampledAttention(nn.Module):
             out = downsampled_attention(q, k, v, logit_scale, grid_h=h, grid_w=w, rope=self.rope, cosine=self.cosine)
         else:
             out = self.local_attention(q, k, v, logit_scale, h, w)
-        return self.to_out(out.transpose(2, 3).reshape(b, dim, h, w))
+        return self.to_out(out.transpose(1, 2).reshape(b, h, w, dim))
 
     def local_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor, h: int, w: int
@@ -106,19 +128,19 @@ class FullAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.to_qkv = nn.Linear(dim, 3 * dim)
-        self.to_out = nn.Conv2d(dim, dim, kernel_size=1)
+        self.to_out = PointwiseConv(dim, dim)
         self.window: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, dim, h, w = x.shape
-        qkv = self.to_qkv(x.flatten(2).transpose(1, 2))
+        b, h, w, dim = x.shape
+        qkv = self.to_qkv(x.reshape(b, h * w, dim))
         q, k, v = qkv.view(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.window is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             scale = torch.full((self.num_heads,), self.head_dim**-0.5, dtype=q.dtype, device=q.device)
             out = self.window(q, k, v, scale, h, w)
-        return self.to_out(out.transpose(2, 3).reshape(b, dim, h, w))
+        return self.to_out(out.transpose(1, 2).reshape(b, h, w, dim))
 
 
 class RepFeedForward(nn.Module):
@@ -127,18 +149,18 @@ class RepFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.project_in = nn.Sequential(nn.Conv2d(dim, hidden // 2, 1), nn.Conv2d(hidden // 2, hidden, 1))
+        self.project_in = nn.Sequential(PointwiseConv(dim, hidden // 2), PointwiseConv(hidden // 2, hidden))
         self.dwconv = nn.ModuleList(
             [nn.Conv2d(hidden, hidden, k, padding=k // 2, groups=hidden) for k in (5, 3, 1)]
         )
-        self.project_out = nn.Sequential(nn.Conv2d(hidden, hidden // 2, 1), nn.Conv2d(hidden // 2, dim, 1))
+        self.project_out = nn.Sequential(PointwiseConv(hidden, hidden // 2), PointwiseConv(hidden // 2, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.project_in(x))
+        x = to_nchw(F.gelu(self.project_in(x)))
         out = x
         for conv in self.dwconv:
             out = out + conv(x)
-        return self.project_out(out)
+        return self.project_out(to_nhwc(out))
 
 
 class FusedFeedForward(nn.Module):
@@ -146,12 +168,12 @@ class FusedFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.project_in = nn.Conv2d(dim, hidden, 1)
+        self.project_in = PointwiseConv(dim, hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden)
-        self.project_out = nn.Conv2d(hidden, dim, 1)
+        self.project_out = PointwiseConv(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project_out(self.dwconv(F.gelu(self.project_in(x))))
+        return self.project_out(to_nhwc(self.dwconv(to_nchw(F.gelu(self.project_in(x))))))
 
 
 class BasicFeedForward(nn.Module):
@@ -159,9 +181,9 @@ class BasicFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc1 = PointwiseConv(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = PointwiseConv(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -181,8 +203,8 @@ class U_DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         for s in (1, 2):
-            modulation = getattr(self, f"adaLN_modulation{s}")(c)[:, :, None, None]
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
+            modulation = getattr(self, f"adaLN_modulation{s}")(c)[:, None, None, :]
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
             x = x + gate_msa * getattr(self, f"attn{s}")(modulate(getattr(self, f"norm1{s}")(x), shift_msa, scale_msa))
             x = x + gate_mlp * getattr(self, f"mlp{s}")(modulate(getattr(self, f"norm2{s}")(x), shift_mlp, scale_mlp))
         return x
@@ -211,7 +233,7 @@ class Downsample(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return to_nhwc(self.body(to_nchw(x)))
 
 
 class Upsample(nn.Module):
@@ -222,22 +244,22 @@ class Upsample(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return to_nhwc(self.body(to_nchw(x)))
 
 
 class StemConv(nn.Module):
-    """3x3 conv stem (key x_embedder.proj)."""
+    """3x3 conv stem (key x_embedder.proj): NCHW latent in, channels-last map out."""
 
     def __init__(self, in_channels: int, dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        return to_nhwc(self.proj(x))
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) on the 2C map, then a 3x3 conv to the output channels."""
+    """adaLN (shift, scale) on the channels-last 2C map, then a 3x3 conv to the NCHW output channels."""
 
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
@@ -246,8 +268,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, :, None, None].chunk(2, dim=1)
-        return self.out_proj(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c)[:, None, None, :].chunk(2, dim=-1)
+        return self.out_proj(to_nchw(modulate(self.norm_final(x), shift, scale)))
 
 
 FFN_TYPES = ("rep", "basic")
@@ -324,10 +346,10 @@ class UDiT(Denoiser):
         self.down2_3 = Downsample(2 * c)
         self.latent = stage(4 * c, depth[2])
         self.up3_2 = Upsample(4 * c)
-        self.reduce_chan_level2 = nn.Conv2d(4 * c, 2 * c, 1)
+        self.reduce_chan_level2 = PointwiseConv(4 * c, 2 * c)
         self.decoder_level_2 = stage(2 * c, depth[3])
         self.up2_1 = Upsample(2 * c)
-        self.reduce_chan_level1 = nn.Conv2d(2 * c, 2 * c, 1)
+        self.reduce_chan_level1 = PointwiseConv(2 * c, 2 * c)
         self.decoder_level_1 = stage(2 * c, depth[4])
         self.output = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
         self.final_layer = FinalLayer(2 * c, self.out_channels)
@@ -383,10 +405,10 @@ class UDiT(Denoiser):
         mid = self.down2_3(enc2)
         for block in self.latent:
             mid = block(mid, c3)
-        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(mid), enc2], dim=1))
+        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(mid), enc2], dim=-1))
         for block in self.decoder_level_2:
             dec2 = block(dec2, c2)
-        dec1 = self.reduce_chan_level1(torch.cat([self.up2_1(dec2), enc1], dim=1))
+        dec1 = self.reduce_chan_level1(torch.cat([self.up2_1(dec2), enc1], dim=-1))
         for block in self.decoder_level_1:
             dec1 = block(dec1, c2)
-        return self.final_layer(self.output(dec1), c2)
+        return self.final_layer(to_nhwc(self.output(to_nchw(dec1))), c2)

@@ -58,10 +58,13 @@ def test_downsampled_attention_matches_reference(name):
     with torch.no_grad():
         if attn.cosine:
             attn.logit_scale.copy_(torch.tensor([1.0, 4.9]).view(2, 1, 1))  # one head beyond the ln 100 clamp
-    x = torch.randn(2, 32, 8, 12)  # non-square grid
-    torch.testing.assert_close(attn(x), reference_attention(attn, x), rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, 32, 8, 12)  # non-square grid, NCHW as upstream; the module takes it channels-last
+    channels_last = x.permute(0, 2, 3, 1)
+    expected = reference_attention(attn, x).permute(0, 2, 3, 1)
+    torch.testing.assert_close(attn(channels_last), expected, rtol=1e-4, atol=1e-5)
     attn.window = LocalWindow(radius=2)
-    torch.testing.assert_close(attn(x), reference_attention(attn, x, radius=2), rtol=1e-4, atol=1e-5)
+    expected = reference_attention(attn, x, radius=2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(attn(channels_last), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_udit_forward_backward_and_zero_init():
