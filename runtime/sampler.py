@@ -70,7 +70,7 @@ class Sampler:
             self._check_pixel_space(manifest["image"])
         else:
             paths.append(resolve(self.package_dir, self._vae_spec["file"]))
-        sessions, self.provider = open_sessions(paths, provider, strict=strict, threads=threads)
+        sessions, self.provider = open_sessions(paths, provider, strict=strict, threads=threads, no_arena=paths[1:])
         self._denoiser = sessions[0]
         self._vae = sessions[1] if self._vae_spec is not None else None
 

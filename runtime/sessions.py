@@ -31,21 +31,25 @@ class ProviderUnavailable(RuntimeError):
 
 
 def open_sessions(
-    paths: Sequence[Path], provider: str, *, strict: bool = False, threads: int | None = None
+    paths: Sequence[Path], provider: str, *, strict: bool = False, threads: int | None = None,
+    no_arena: Sequence[Path] = (),
 ) -> tuple[list[Session], str]:
     """Open one session per path on `provider`; returns the sessions and the provider actually used.
 
     An unavailable provider falls back to CPU with a RuntimeWarning, or raises ProviderUnavailable
-    when `strict`.
+    when `strict`. Paths in `no_arena` run on the CPU without ONNX Runtime's memory arena: for a model
+    of few, large activations (the SD VAE decoder at 256 px) the arena's growth in doubling chunks keeps
+    ~400 MB more at its peak (1188 vs 777 MB) and buys no speed.
     """
     check_provider(provider, threads)
+    lean = {Path(path) for path in no_arena}
     try:
-        return [_open(path, provider, threads) for path in paths], provider
+        return [_open(path, provider, threads, Path(path) in lean) for path in paths], provider
     except ProviderUnavailable as error:
         if strict or provider == "cpu":
             raise
         warnings.warn(f"{error}; falling back to the CPU provider", RuntimeWarning, stacklevel=3)
-        return [_open(path, "cpu", threads) for path in paths], "cpu"
+        return [_open(path, "cpu", threads, Path(path) in lean) for path in paths], "cpu"
 
 
 def check_provider(provider: str, threads: int | None = None) -> None:
@@ -56,7 +60,7 @@ def check_provider(provider: str, threads: int | None = None) -> None:
         raise ValueError(f"threads must be >= 1 (or None for ONNX Runtime's default), got {threads}")
 
 
-def _open(path: Path, provider: str, threads: int | None) -> Session:
+def _open(path: Path, provider: str, threads: int | None, no_arena: bool = False) -> Session:
     if provider == "tensorrt":
         return _open_tensorrt(path)
     import onnxruntime as ort
@@ -64,6 +68,7 @@ def _open(path: Path, provider: str, threads: int | None) -> Session:
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = not no_arena
     if provider == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ProviderUnavailable(
