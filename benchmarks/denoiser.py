@@ -4,13 +4,18 @@ Backends: torch eager fp32 (the fused inference form, as exported), torch.compil
 a timeout), ONNX Runtime on the fp32 / fp16 / int8 denoisers of the `dit-export` package, and the peer:
 diffusers' DiTTransformer2DModel of the same config exported with plain `torch.onnx.export` (DiT only;
 diffusers has no U-DiT). Achieved GFLOP/s = 2 * MACs / step time, MACs from `models.count_macs`.
+
+Every backend is measured in its own process (clean peak RSS, no shared thread pools). The ratio targets
+between ONNX Runtime denoisers (int8 / fp32, ours / peer, U-DiT / DiT) are measured again side by side:
+one process runs them in turn, one step each per round, so both sides of a ratio see the same machine.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
-from benchmarks.harness import Settings, Unavailable, ok, run_worker, time_call, timed_ort_run
+from benchmarks.harness import Settings, Unavailable, ok, ort_session, run_worker, time_call, timed_ort_run
 from benchmarks.packages import package_with, read_manifest
 
 FULL_MODELS = ("dit_s_2", "udit_s", "dit_b_2", "udit_b")
@@ -84,6 +89,30 @@ def ort_step(onnx_path: str, inputs: list[dict], num_classes: int, batch: int, t
              repeats: int, profile_path: str | None = None) -> dict:
     """Worker (torch-free): median session.run of one denoiser step in ONNX Runtime's CPU provider."""
     return timed_ort_run(onnx_path, threads, _feeds(inputs, batch, num_classes), warmup, repeats, profile_path)
+
+
+def ort_interleaved(variants: list[dict], batch: int, threads: int, warmup: int, repeats: int) -> dict:
+    """Worker (torch-free): the denoisers take turns, one step each per round, `repeats` rounds in one process.
+
+    On this shared virtual machine two measurements minutes apart differ by up to 35% (hypervisor steal,
+    cache and frequency state); within a round both sides of a ratio run under the same conditions.
+    """
+    sessions = []
+    for variant in variants:
+        session = ort_session(variant["onnx_path"], threads)
+        feeds = _feeds(variant["inputs"], batch, variant["num_classes"])
+        for _ in range(warmup):
+            session.run(None, feeds)
+        sessions.append((variant["label"], session, feeds))
+    runs: dict[str, list[float]] = {label: [] for label, _, _ in sessions}
+    for _ in range(repeats):
+        for label, session, feeds in sessions:
+            start = time.perf_counter()
+            session.run(None, feeds)
+            runs[label].append((time.perf_counter() - start) * 1e3)
+    return {"rounds": repeats, "rows": {label: {"status": "ok", "median_ms": statistics.median(times),
+                                                "min_ms": min(times), "runs_ms": times}
+                                        for label, times in runs.items()}}
 
 
 def export_peer(model: str, batch: int, out_path: str) -> dict:
@@ -160,11 +189,11 @@ def measure_model(settings: Settings, model: str) -> tuple[list[dict], dict]:
             continue
         manifest = read_manifest(found[precision])
         entry = manifest["denoiser"]["precisions"][precision]
+        session = {"onnx_path": str(found[precision] / entry["file"]), "inputs": entry["inputs"],
+                   "num_classes": manifest["classes"]["num_classes"]}
         rows.append(run_worker(settings, "benchmarks.denoiser:ort_step", {
-            "onnx_path": str(found[precision] / entry["file"]), "inputs": entry["inputs"],
-            "num_classes": manifest["classes"]["num_classes"], **timing,
-            "profile_path": _profile_path(settings, model, backend)}, label=f"denoiser_{model}_{backend}")
-            | {"backend": backend})
+            **session, **timing, "profile_path": _profile_path(settings, model, backend)},
+            label=f"denoiser_{model}_{backend}") | {"backend": backend, "session": session})
 
     peer_path = settings.workdir / "peers" / f"{model}_diffusers.onnx"
     peer_path.parent.mkdir(exist_ok=True)
@@ -174,10 +203,10 @@ def measure_model(settings: Settings, model: str) -> tuple[list[dict], dict]:
     else:
         peer = {"status": "n/a: diffusers has no U-DiT (DiTTransformer2DModel is plain DiT)"}
     if ok(peer):
+        session = {"onnx_path": str(peer_path), "inputs": peer["inputs"], "num_classes": peer["num_classes"]}
         row = run_worker(settings, "benchmarks.denoiser:ort_step", {
-            "onnx_path": str(peer_path), "inputs": peer["inputs"], "num_classes": peer["num_classes"], **timing,
-            "profile_path": _profile_path(settings, model, "peer")}, label=f"denoiser_{model}_peer")
-        row["peer_params"] = peer["params"]
+            **session, **timing, "profile_path": _profile_path(settings, model, "peer")}, label=f"denoiser_{model}_peer")
+        row |= {"peer_params": peer["params"], "session": session}
     else:
         row = {"status": peer["status"]}
     rows.append(row | {"backend": "peer_diffusers_ort"})
@@ -187,10 +216,27 @@ def measure_model(settings: Settings, model: str) -> tuple[list[dict], dict]:
     return rows, {"macs": macs, "exports": exports}
 
 
+PAIRED_BACKENDS = ("ort_fp32", "ort_int8", "peer_diffusers_ort")
+
+
+def measure_paired(settings: Settings, models_: tuple[str, ...], rows: list[dict]) -> dict:
+    """The ORT rows behind the ratio targets (first DiT and first U-DiT), again, interleaved in one process."""
+    ratio_models = [next((m for m in models_ if m.startswith(family)), None) for family in ("dit", "udit")]
+    variants = [{"label": f"{row['model']}/{row['backend']}", **row["session"]} for row in rows
+                if row["model"] in ratio_models and row["backend"] in PAIRED_BACKENDS and ok(row)]
+    if len(variants) < 2:
+        return {"status": "unavailable: fewer than two ONNX Runtime denoisers were measured"}
+    rounds = settings.repeats if settings.quick else 3 * settings.repeats
+    return run_worker(settings, "benchmarks.denoiser:ort_interleaved",
+                      {"variants": variants, "batch": BATCH, "threads": settings.threads,
+                       "warmup": settings.warmup, "repeats": rounds}, label="denoiser_paired")
+
+
 def run(settings: Settings) -> dict:
     models_ = QUICK_MODELS if settings.quick else FULL_MODELS
     rows, details = [], {}
     for model in models_:
         model_rows, details[model] = measure_model(settings, model)
         rows.extend(model_rows)
-    return {"batch": BATCH, "latent": "4x32x32", "models": list(models_), "rows": rows, "details": details}
+    return {"batch": BATCH, "latent": "4x32x32", "models": list(models_), "rows": rows, "details": details,
+            "paired": measure_paired(settings, models_, rows)}

@@ -72,6 +72,19 @@ def test_quick_run_measures_what_needs_no_other_package(quick_run):
     assert "ort_local_r8" in attention["summary"]["exponent"]
 
 
+def test_quick_run_times_the_ratio_pairs_side_by_side(quick_run):
+    """fp32, int8 and the peer run interleaved in one process; the ratio targets use those medians."""
+    results, markdown, _ = quick_run
+    paired = json.loads((results / "denoiser.json").read_text())["paired"]
+    assert paired["status"] == "ok" and paired["process"]["peak_rss_mb"] > 0
+    assert set(paired["rows"]) == {"dit_tiny_2/ort_fp32", "dit_tiny_2/ort_int8", "dit_tiny_2/peer_diffusers_ort"}
+    for row in paired["rows"].values():
+        assert len(row["runs_ms"]) == paired["rounds"] and row["min_ms"] <= row["median_ms"]
+    targets = {t["target"]: t for t in json.loads((results / "targets.json").read_text())}
+    assert targets["ORT int8 dit_tiny_2 speed-up over ORT fp32"]["measured"].endswith("(interleaved)")
+    assert "### Side by side" in markdown.read_text()
+
+
 def test_quick_run_writes_markdown_plots_and_targets(quick_run):
     results, markdown, stdout = quick_run
     text = markdown.read_text()
@@ -166,6 +179,14 @@ def test_targets_pass_fail_and_unavailable():
             {"model": "udit_s", "backend": "ort_int8", "status": "unavailable: no calibration"},
         ]),
     }
+    # the interleaved measurement, where present, decides the ratios between ORT denoisers
+    with_pairs = {**sections, "denoiser": {**sections["denoiser"], "paired": {"status": "ok", "rows": {
+        "dit_s_2/ort_fp32": ok(100.0), "dit_s_2/peer_diffusers_ort": ok(105.0), "dit_s_2/ort_int8": ok(60.0)}}}}
+    paired = {t["target"]: t for t in report.evaluate_targets(with_pairs)}
+    peer = paired["ORT fp32 dit_s_2 speed vs diffusers peer export (peer time / ours)"]
+    assert peer["status"] == "pass" and peer["measured"] == "1.05x (interleaved)"
+    assert paired["ORT int8 dit_s_2 speed-up over ORT fp32"]["measured"] == "1.67x (interleaved)"
+    assert paired["ORT fp32 udit_s step / dit_s_2 step"]["measured"] == "1.20x"  # udit_s not paired: both own rows
     by_name = {t["target"]: t for t in report.evaluate_targets(sections)}
     assert by_name["ORT fp32 dit_s_2 step vs fp32 GEMM ceiling"]["status"] == "pass"  # 90%
     assert by_name["ORT fp32 dit_s_2 speed-up over torch eager"]["status"] == "pass"  # 1.5x
