@@ -392,7 +392,10 @@ def _export_train_md(section: dict) -> str:
     rows = [[row["loop"], f"{row['samples_per_s']:.2f}" if _ok(row) else row["status"],
              f"{row['median_ms']:.0f}" if _ok(row) else ""] for row in section.get("train", [])]
     if rows:
-        parts.append(f"Training step, {section.get('train_model')} at batch {section.get('train_batch')}:\n\n"
+        rounds = max((row.get("rounds", 1) for row in section.get("train", [])), default=1)
+        parts.append(f"Training step, {section.get('train_model')} at batch {section.get('train_batch')}"
+                     + (f" (each loop run {rounds} times, alternating; step times pooled)" if rounds > 1 else "")
+                     + ":\n\n"
                      + _table(["loop", "samples/s", "median ms per step"], rows))
     return "\n\n".join(parts)
 

@@ -210,3 +210,15 @@ def test_int8_breakdown_bounds_the_speedup_by_what_stays_float():
     assert row["int8_rest_ms"] == 70.0 and row["quantize_ms"] == 5.0
     assert row["speedup"] == pytest.approx(200 / 120) and row["bound"] == pytest.approx(200 / 70)
     assert "2.86x" in report._int8_md([row])
+
+
+def test_training_runs_are_pooled_over_alternating_rounds():
+    from benchmarks.export_train import TRAIN_BATCH, pooled
+
+    first = {"status": "ok", "loop": "plain PyTorch", "median_ms": 2.0, "runs_ms": [1.0, 2.0, 9.0], "repeats": 3}
+    second = first | {"runs_ms": [3.0, 4.0, 5.0]}
+    row = pooled([first, second])
+    assert row["runs_ms"] == [1.0, 2.0, 9.0, 3.0, 4.0, 5.0] and row["repeats"] == 6 and row["rounds"] == 2
+    assert row["median_ms"] == 3.5 and row["samples_per_s"] == pytest.approx(TRAIN_BATCH / 3.5e-3)
+    failed = {"status": "unavailable: python -m train exit 1"}
+    assert pooled([first, failed]) is failed

@@ -152,6 +152,9 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
         with torch.no_grad():
             latent_shape = tuple(vae.encode(probe["image"].to(dist.device)).latent_dist.mean.shape[1:])
 
+    # GELU tails and vanishing gradients produce subnormal floats, which x86 cores compute ~100x slower:
+    # on the digits a dit_s_2 step took 2.5-4.4 s instead of ~2.1 s. Flushing them to zero changes nothing else.
+    torch.set_flush_denormal(True)
     torch.manual_seed(config.seed)
     model = build_model(config, latent_shape, num_classes).to(dist.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
