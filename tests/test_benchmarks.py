@@ -79,10 +79,11 @@ def test_quick_run_times_the_ratio_pairs_side_by_side(quick_run):
     assert paired["status"] == "ok" and paired["process"]["peak_rss_mb"] > 0
     assert set(paired["rows"]) == {"dit_tiny_2/ort_fp32", "dit_tiny_2/ort_int8", "dit_tiny_2/peer_diffusers_ort"}
     for row in paired["rows"].values():
-        assert len(row["runs_ms"]) == paired["rounds"] and row["min_ms"] <= row["median_ms"]
+        assert len(row["runs_ms"]) == paired["rounds"] * (paired["turn_steps"] - 1)
+        assert row["min_ms"] <= row["median_ms"]
     targets = {t["target"]: t for t in json.loads((results / "targets.json").read_text())}
     assert targets["ORT int8 dit_tiny_2 speed-up over ORT fp32"]["measured"].endswith("(interleaved)")
-    assert "### Side by side" in markdown.read_text()
+    assert f"taking turns of {paired['turn_steps']} steps" in markdown.read_text()
 
 
 def test_quick_run_writes_markdown_plots_and_targets(quick_run):
