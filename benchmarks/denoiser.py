@@ -117,9 +117,9 @@ def ort_interleaved(variants: list[dict], batch: int, threads: int, warmup: int,
                 start = time.perf_counter()
                 session.run(None, feeds)
                 runs[label].append((time.perf_counter() - start) * 1e3)
-    return {"rounds": repeats, "turn_steps": TURN_STEPS, "rows": {label: {"status": "ok", "median_ms": statistics.median(times),
-                                                "min_ms": min(times), "runs_ms": times}
-                                        for label, times in runs.items()}}
+    rows = {label: {"status": "ok", "median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
+            for label, times in runs.items()}
+    return {"rounds": repeats, "turn_steps": TURN_STEPS, "rows": rows}
 
 
 def export_peer(model: str, batch: int, out_path: str) -> dict:

@@ -299,11 +299,9 @@ def _paired_md(section: dict) -> str:
         return f"Side by side: {paired.get('status', 'not measured')}."
     rows = [[label.split("/")[0], BACKEND_LABELS.get(label.split("/")[1], label), f"{row['median_ms']:.1f}",
              f"{row['min_ms']:.1f}"] for label, row in paired["rows"].items()]
-    turn = paired.get("turn_steps", 1)
-    taking = (f"turns of {turn} steps (the first untimed, to re-warm the caches)" if turn > 1
-              else "turns step by step")
     return (f"### Side by side\n\nThe ONNX Runtime denoisers behind the ratio targets, again in one process, taking "
-            f"{taking} for {paired['rounds']} rounds (the targets' ratios come from here).\n\n"
+            f"turns of {paired['turn_steps']} steps (the first untimed, to re-warm the caches) for {paired['rounds']} "
+            "rounds (the targets' ratios come from here).\n\n"
             + _table(["model", "backend", "median ms", "min ms"], rows))
 
 

@@ -25,7 +25,6 @@ DEFAULT_OPSET = 20
 # torchlib's optimizer folds constants of at most 8192 elements; weights used through a reshape or transpose
 # (U-DiT's 1x1 convs applied as matrix products) need a larger limit to end up as plain initializers.
 FOLD_LIMIT = 2**28
-
 # Past this many bytes of tensor data the weights go to external data; the margin leaves room for
 # the graph itself under protobuf's hard 2 GiB message limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
@@ -44,9 +43,8 @@ def _optimize(model: onnx_ir.Model) -> None:
     U-DiT export (udit_b near the 120 s budget), and its rewrites (no-op casts, slice chains) are ones ONNX
     Runtime and TensorRT make themselves at load. Weight-only subgraphs fold into initializers."""
     ir_passes.InlinePass()(model)
-    for _ in range(2):
-        onnxscript.optimizer.fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
-        ir_passes.RemoveUnusedNodesPass()(model)
+    onnxscript.optimizer.fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
+    ir_passes.RemoveUnusedNodesPass()(model)
     ir_passes.RemoveUnusedFunctionsPass()(model)
     ir_passes.RemoveUnusedOpsetsPass()(model)
     ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
