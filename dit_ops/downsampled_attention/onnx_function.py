@@ -54,19 +54,18 @@ def translate(q, k, v, logit_scale, grid_h: int, grid_w: int, rope: bool, cosine
 def DownsampledAttention(
     q, k, v, logit_scale, num_heads: int, head_dim: int, grid_h: int, grid_w: int, rope: int, cosine: int
 ):
-    # --- sizes (int64 scalars / 1-D shapes), folded to constants by ONNX Runtime
-    batch = op.Shape(q, start=0, end=1)
-    heads = op.Unsqueeze(op.Constant(value_int=num_heads), [0])
+    # --- sizes from the attributes only, so every shape folds to a constant at load (no Shape of the
+    # dynamic batch at run time); a 0 in Reshape's shape keeps that dim, here batch and heads
+    keep = op.Constant(value_ints=[0, 0])
     dim = op.Constant(value_int=head_dim)
     dim1 = op.Unsqueeze(dim, [0])
-    half_h = op.Unsqueeze(op.Constant(value_int=grid_h), [0]) / 2
+    half_h1 = op.Unsqueeze(op.Constant(value_int=grid_h) / 2, [0])
     half_w = op.Constant(value_int=grid_w) / 2
     half_w1 = op.Unsqueeze(half_w, [0])
-    tokens = half_h * half_w1  # per group
+    tokens = half_h1 * half_w1  # per group
     two = op.Constant(value_ints=[2])
-    four = op.Constant(value_ints=[4])
-    split_shape = op.Concat(batch, heads, half_h, two, half_w1, two, dim1, axis=0)
-    group_shape = op.Concat(batch, heads, four, tokens, dim1, axis=0)
+    split_shape = op.Concat(keep, half_h1, two, half_w1, two, dim1, axis=0)
+    group_shape = op.Concat(keep, op.Constant(value_ints=[4]), tokens, dim1, axis=0)
 
     # --- (B, H, N, D) -> (B, H, 4, N/4, D): group 2i+j holds pixels (2a+i, 2b+j); float32 from here on
     qg = op.Reshape(op.Transpose(op.Reshape(op.Cast(q, to=1), split_shape), perm=[0, 1, 3, 5, 2, 4, 6]), group_shape)
@@ -99,8 +98,9 @@ def DownsampledAttention(
     eps = op.Constant(value_float=1e-12)
     temperature = op.Exp(op.Min(op.Cast(logit_scale, to=1), op.Constant(value_float=schema.MAX_LOGIT_SCALE)))
     is_cosine = op.Cast(op.Constant(value_int=cosine), to=1)
-    inv_norm_q = op.Reciprocal(op.Max(op.ReduceL2(qr, [-1], keepdims=1), eps))
-    inv_norm_k = op.Reciprocal(op.Max(op.ReduceL2(kr, [-1], keepdims=1), eps))
+    # Clip(min=eps) is max(norm, eps); ONNX Runtime's broadcasting Max took 2-3x as long on these (..., 1) norms
+    inv_norm_q = op.Reciprocal(op.Clip(op.ReduceL2(qr, [-1], keepdims=1), eps))
+    inv_norm_k = op.Reciprocal(op.Clip(op.ReduceL2(kr, [-1], keepdims=1), eps))
     plain_scale = op.Reciprocal(op.Sqrt(op.Cast(dim, to=1)))
     q_factor = is_cosine * op.Reshape(temperature, [-1, 1, 1, 1]) * inv_norm_q + (1.0 - is_cosine) * plain_scale
     k_factor = is_cosine * inv_norm_k + (1.0 - is_cosine)
@@ -110,8 +110,8 @@ def DownsampledAttention(
     # --- softmax attention per (batch, head, group), then merge the groups back
     probs = op.Softmax(op.MatMul(q_final, op.Transpose(k_final, perm=[0, 1, 2, 4, 3])), axis=-1)
     out = op.MatMul(probs, vg)
-    merged_shape = op.Concat(batch, heads, two, two, half_h, half_w1, dim1, axis=0)
-    out_shape = op.Concat(batch, heads, half_h * half_w1 * 4, dim1, axis=0)
+    merged_shape = op.Concat(keep, two, two, half_h1, half_w1, dim1, axis=0)
+    out_shape = op.Concat(keep, tokens * 4, dim1, axis=0)
     out = op.Reshape(op.Transpose(op.Reshape(out, merged_shape), perm=[0, 1, 4, 2, 5, 3, 6]), out_shape)
     return op.CastLike(out, q)
 
