@@ -13,7 +13,7 @@ import torch
 
 import dit_ops
 from dit_ops import DOMAIN, PLUGIN_NAMESPACE
-from exporter import onnx_io
+from exporter import lowering, onnx_io
 from exporter.sources import Source, expected_custom_nodes
 
 INPUT_NAMES = ["x", "t", "y"]
@@ -57,7 +57,7 @@ def export_denoiser(source: Source, opset: int, dynamic_batch: bool = True, batc
     trace_batch = max(batch_size, 2) if dynamic_batch else batch_size
     model = onnx_io.export_module(
         source.model, example_inputs(source, trace_batch), INPUT_NAMES, OUTPUT_NAMES, opset, dynamic_batch,
-        custom_translation_table=dit_ops.translation_table(),
+        custom_translation_table=dit_ops.translation_table() | lowering.translation_table(),
     )
     model = dit_ops.attach_functions(model)
     check_custom_nodes(model, expected_custom_nodes(source.model))
