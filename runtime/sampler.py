@@ -16,7 +16,7 @@ import numpy as np
 from runtime.images import to_uint8
 from runtime.manifest import load_manifest, resolve, verify_files
 from runtime.schedulers import NoiseSchedule, Scheduler, default_steps, make_scheduler
-from runtime.sessions import check_provider, open_sessions
+from runtime.sessions import check_provider, open_sessions, releasing_arena_run_options
 
 OUTPUT_TYPES = ("uint8", "latent")
 PIXEL_RANGE = (-1.0, 1.0)  # pixel-space models are trained on images normalised to [-1, 1]
@@ -73,6 +73,9 @@ class Sampler:
         sessions, self.provider = open_sessions(paths, provider, strict=strict, threads=threads, no_arena=paths[1:])
         self._denoiser = sessions[0]
         self._vae = sessions[1] if self._vae_spec is not None else None
+        # before a CPU decode, the last denoising step gives the denoiser's arena back
+        decodes_on_cpu = self._vae is not None and self.provider == "cpu"
+        self._last_step_options = releasing_arena_run_options() if decodes_on_cpu else None
 
     def __call__(
         self,
@@ -119,8 +122,9 @@ class Sampler:
         if latents is not None:
             x = self._check_latents(latents, count)
         x = x * solver.init_noise_sigma
-        x = self._denoise(solver, x, labels, float(guidance_scale), guided, draw_noise, progress)
-        return x if output_type == "latent" else self._decode(x)
+        decode = output_type != "latent"
+        x = self._denoise(solver, x, labels, float(guidance_scale), guided, draw_noise, progress, decode)
+        return self._decode(x) if decode else x
 
     def _denoise(
         self,
@@ -131,8 +135,10 @@ class Sampler:
         guided_channels: int,
         draw_noise: Callable[[], np.ndarray],
         progress: Callable[[int, int], None] | None,
+        decode_follows: bool,
     ) -> np.ndarray:
         count, total = len(labels), len(solver.timesteps)
+        last_options = self._last_step_options if decode_follows else None
         use_cfg = guidance_scale != 1.0
         if use_cfg:
             labels = np.concatenate([labels, np.full(count, self.null_label, np.int64)])
@@ -145,7 +151,10 @@ class Sampler:
                 "t": np.full(len(labels), t, dtype=self._timestep_dtype),
                 "y": labels,
             }
-            out = self._denoiser.run([self._denoiser_output], feeds)[0]
+            if i == total - 1 and last_options is not None:
+                out = self._denoiser.run([self._denoiser_output], feeds, last_options)[0]
+            else:
+                out = self._denoiser.run([self._denoiser_output], feeds)[0]
             eps, variance = self._guide(out, count, guidance_scale if use_cfg else None, guided_channels)
             x = solver.step(i, x, eps, variance, draw_noise)
             if progress is not None:

@@ -71,6 +71,20 @@ def check_provider(provider: str, threads: int | None = None) -> None:
         raise ValueError(f"threads must be >= 1 (or None for ONNX Runtime's default), got {threads}")
 
 
+def releasing_arena_run_options() -> Any:
+    """ONNX Runtime RunOptions that hand the CPU arena's free chunks back to the OS when the run ends.
+
+    The denoiser's arena holds its activations between steps (~40 MB for a DiT-S/2 CFG pair); released
+    after the last step, they are not resident next to the VAE decoder's activations (sampler peak
+    755 -> 717 MB at 256 px). The next call regrows the arena in its first step.
+    """
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def return_large_frees_to_os() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES; False where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
