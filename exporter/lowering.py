@@ -23,9 +23,10 @@ def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
     scale: float | None = None, enable_gqa: bool = False,
 ):
-    head_dim = query.shape[-1] if query.shape is not None else None
     plain = attn_mask is None and not is_causal and dropout_p == 0.0 and not enable_gqa
-    if not plain or not isinstance(head_dim, int) or len(key.shape) != len(query.shape):
+    known = query.shape is not None and key.shape is not None and len(key.shape) == len(query.shape)
+    head_dim = query.shape[-1] if known else None
+    if not plain or not isinstance(head_dim, int):
         return torchlib_nn.aten_scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
