@@ -57,6 +57,14 @@ def attention_macs(module: nn.Module, args: tuple) -> int:
     return macs
 
 
+def qkv_macs(module: nn.Module, args: tuple) -> int:
+    """MACs of an attention layer's fused qkv projection, which it applies as three products on slices of
+    the Linear's weight (`models.dit.split_qkv`), so the Linear's own forward hook never fires."""
+    qkv = module.qkv if isinstance(module, Attention) else module.to_qkv
+    tokens = args[0].shape[:-1].numel()
+    return tokens * qkv.in_features * qkv.out_features
+
+
 def count_macs(model: Denoiser, input_size: int | tuple[int, int] | None = None, batch: int = 1) -> int:
     """Forward MACs of model(x, t, y) for a (batch, C, H, W) latent (default: the model's input_size).
 
@@ -78,7 +86,7 @@ def count_macs(model: Denoiser, input_size: int | tuple[int, int] | None = None,
             kh, kw = module.kernel_size
             total += output.numel() * (module.in_channels // module.groups) * kh * kw
         else:
-            total += attention_macs(module, args)
+            total += attention_macs(module, args) + qkv_macs(module, args)
 
     counted = (nn.Linear, nn.Conv2d, Attention, DownsampledAttention, FullAttention)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]

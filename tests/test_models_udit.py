@@ -58,7 +58,9 @@ def test_downsampled_attention_matches_reference(name):
     with torch.no_grad():
         if attn.cosine:
             attn.logit_scale.copy_(torch.tensor([1.0, 4.9]).view(2, 1, 1))  # one head beyond the ln 100 clamp
-    x = torch.randn(2, 32, 8, 12)  # non-square grid, NCHW as upstream; the module takes it channels-last
+    # float64: with a logit scale of 100 float32 rounding alone moves single outputs past atol 1e-5
+    attn = attn.double()
+    x = torch.randn(2, 32, 8, 12, dtype=torch.float64)  # non-square grid, NCHW as upstream; the module takes NHWC
     channels_last = x.permute(0, 2, 3, 1)
     expected = reference_attention(attn, x).permute(0, 2, 3, 1)
     torch.testing.assert_close(attn(channels_last), expected, rtol=1e-4, atol=1e-5)
