@@ -59,7 +59,7 @@ def attention_macs(module: nn.Module, args: tuple) -> int:
 
 def qkv_macs(module: nn.Module, args: tuple) -> int:
     """MACs of an attention layer's fused qkv projection, which it applies as three products on slices of
-    the Linear's weight (`models.dit.split_qkv`), so the Linear's own forward hook never fires."""
+    the Linear's weight (`models.dit.qkv_heads`), so the Linear's own forward hook never fires."""
     qkv = module.qkv if isinstance(module, Attention) else module.to_qkv
     tokens = args[0].shape[:-1].numel()
     return tokens * qkv.in_features * qkv.out_features

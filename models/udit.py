@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dit_ops.downsampled_attention.reference import downsampled_attention, merge_groups, rope2d, split_groups
 from dit_ops.downsampled_attention.schema import MAX_LOGIT_SCALE
 
-from .dit import Denoiser, split_qkv
+from .dit import Denoiser, qkv_heads
 from .embeddings import LabelEmbedder, TimestepEmbedder, modulate
 
 
@@ -92,8 +92,7 @@ class DownsampledAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsampler(x)
         b, h, w, dim = x.shape
-        q, k, v = (t.view(b, h * w, self.num_heads, self.head_dim).transpose(1, 2)
-                   for t in split_qkv(self.to_qkv, x.reshape(b, h * w, dim)))
+        q, k, v = qkv_heads(self.to_qkv, x.reshape(b, h * w, dim), self.num_heads)
         # the op takes a (heads,) log-temperature in every mode; plain attention ignores it
         logit_scale = self.logit_scale.view(self.num_heads) if self.cosine else q.new_zeros(self.num_heads)
         if self.window is None:
@@ -133,8 +132,7 @@ class FullAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, dim = x.shape
-        q, k, v = (t.view(b, h * w, self.num_heads, self.head_dim).transpose(1, 2)
-                   for t in split_qkv(self.to_qkv, x.reshape(b, h * w, dim)))
+        q, k, v = qkv_heads(self.to_qkv, x.reshape(b, h * w, dim), self.num_heads)
         if self.window is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
