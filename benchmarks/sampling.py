@@ -18,6 +18,8 @@ from benchmarks.packages import calibrate_int8, dit_export_command, read_manifes
 STEPS = {False: 20, True: 5}  # by --quick
 GUIDANCE = 4.0
 LABELS = [207]  # one image: its CFG pair is the batch-2 step of the denoiser table
+# The edge configuration, one model resident at a time; the sampling targets are measured on it.
+LOW_MEMORY_ROW = "runtime.Sampler(low_memory=True) (onnxruntime)"
 IMPORT_PROBE = ("import json, sys, time; start = time.perf_counter(); import runtime; "
                 "elapsed = time.perf_counter() - start; "
                 "print(json.dumps({'import_s': elapsed, 'torch_loaded': 'torch' in sys.modules, "
@@ -51,13 +53,13 @@ def build_pipeline(out_dir: str, quick: bool) -> dict:
 
 
 def sample_runtime(package: str, labels: list[int], steps: int, guidance_scale: float, threads: int,
-                   repeats: int, precision: str = "fp32") -> dict:
+                   repeats: int, precision: str = "fp32", low_memory: bool = False) -> dict:
     """Worker (torch-free): load the package, sample once (first call), then time `repeats` more calls."""
     start = time.perf_counter()
     import runtime
 
     imported = time.perf_counter()
-    sampler = runtime.Sampler(package, provider="cpu", threads=threads, precision=precision)
+    sampler = runtime.Sampler(package, provider="cpu", threads=threads, precision=precision, low_memory=low_memory)
     loaded = time.perf_counter()
 
     def sample():
@@ -164,6 +166,9 @@ def run(settings: Settings) -> dict:
     if ok(exported):
         rows.append(run_worker(settings, "benchmarks.sampling:sample_runtime", {"package": str(package), **common},
                                label="sampling_runtime") | {"implementation": "runtime.Sampler (onnxruntime)"})
+        rows.append(run_worker(settings, "benchmarks.sampling:sample_runtime",
+                               {"package": str(package), **common, "low_memory": True}, label="sampling_runtime_low_memory")
+                    | {"implementation": LOW_MEMORY_ROW})
         rows.append(_runtime_int8_row(settings, package, common))
     else:
         rows.append({"status": exported["status"], "implementation": "runtime.Sampler (onnxruntime)"})

@@ -19,7 +19,7 @@ from calibration.report import cosine, psnr_uint8, write_report
 from exporter.manifest import refresh_hashes, write_json_atomic
 from runtime import Sampler
 from runtime.manifest import load_manifest, resolve
-from runtime.sessions import Session, open_sessions
+from runtime.sessions import Session, open_session
 
 PRECISIONS = ("int8", "fp8")
 MIN_SAMPLES = 4
@@ -44,7 +44,7 @@ def _check_args(package: Path, precision: str, samples: int, steps: int) -> dict
 
 def _quantized_session(path: Path) -> Session:
     """Opened by the runtime's own code, so the int8 model is judged exactly as the runtime will run it."""
-    (session,), _ = open_sessions([path], "cpu")
+    session, _ = open_session(path, "cpu")
     return session
 
 

@@ -26,13 +26,18 @@ def sample(
     provider: str = typer.Option("cpu", help=f"Execution provider: {', '.join(PROVIDERS)}."),
     strict: bool = typer.Option(False, help="Fail instead of falling back to CPU when the provider is unavailable."),
     threads: int | None = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (default: its own)."),
+    low_memory: bool = typer.Option(
+        False, help="Hold one model at a time: close the denoiser before the VAE decode (lower peak memory)."
+    ),
     out: Path = typer.Option(Path("samples.png"), help="PNG file to write."),
 ) -> None:
     """Sample num-per-class images for each --class-label and write them as one PNG grid."""
     from tqdm import tqdm
 
     try:
-        sampler = Sampler(package, provider=provider, precision=precision, strict=strict, threads=threads)
+        sampler = Sampler(
+            package, provider=provider, precision=precision, strict=strict, threads=threads, low_memory=low_memory
+        )
         labels = [label for label in class_label for _ in range(num_per_class)]
         with tqdm(desc="denoising", unit="step") as bar:
 

@@ -16,10 +16,11 @@ def package(tmp_path_factory):
     return build_package(tmp_path_factory.mktemp("cli"))[0]
 
 
-def test_writes_a_grid_of_the_sampler_images(package, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--low-memory"]])
+def test_writes_a_grid_of_the_sampler_images(package, tmp_path, extra):
     out = tmp_path / "grid.png"
     args = [str(package), "--class-label", "1", "--class-label", "6", "--num-per-class", "2", "--steps", "4",
-            "--scheduler", "dpm++2m", "--guidance-scale", "2.5", "--seed", "7", "--out", str(out)]  # fmt: skip
+            "--scheduler", "dpm++2m", "--guidance-scale", "2.5", "--seed", "7", "--out", str(out), *extra]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "wrote 4 images" in result.output

@@ -28,6 +28,27 @@ PROBE = textwrap.dedent("""
 """)
 
 
+TRIM_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from runtime.sessions import trim_heap
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    def rss_mib():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+    size = 64 << 10
+    before = rss_mib()
+    blocks = [libc.malloc(size) for _ in range(201)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks[:-1]:
+        libc.free(block)
+    if sys.argv[1] == "trim":
+        assert trim_heap()
+    print(rss_mib() - before)
+""")
+
+
 # One run of a graph with two 32 MiB activations, with or without the releasing RunOptions.
 ARENA_PROBE = textwrap.dedent("""
     import sys
@@ -67,11 +88,18 @@ def test_lean_sessions_fix_the_threshold(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(sessions, "return_large_frees_to_os", lambda: calls.append(True) or True)
-    monkeypatch.setattr(sessions, "_open", lambda path, provider, threads, no_arena=False: (path, no_arena))
-    opened, _ = sessions.open_sessions([tmp_path / "a.onnx", tmp_path / "b.onnx"], "cpu", no_arena=[tmp_path / "b.onnx"])
-    assert calls == [True] and opened == [(tmp_path / "a.onnx", False), (tmp_path / "b.onnx", True)]
-    sessions.open_sessions([tmp_path / "a.onnx"], "cpu")
+    monkeypatch.setattr(sessions, "_open", lambda path, provider, threads, arena=True: (path, arena))
+    assert sessions.open_session(tmp_path / "a.onnx", "cpu") == ((tmp_path / "a.onnx", True), "cpu")
+    assert calls == []
+    assert sessions.open_session(tmp_path / "b.onnx", "cpu", arena=False) == ((tmp_path / "b.onnx", False), "cpu")
     assert calls == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim exists on Linux only")
+def test_trim_heap_returns_free_holes():
+    # 200 freed 64 KiB blocks (heap-served, below any mmap threshold) behind a live one stay resident until trimmed
+    assert retained_mib("keep", TRIM_PROBE) > 8
+    assert retained_mib("trim", TRIM_PROBE) < 2
 
 
 def test_releasing_run_options_hand_the_arena_back():
@@ -103,3 +131,30 @@ def test_sampler_releases_the_denoiser_arena_before_decoding(tmp_path):
         sampler([1, 2], steps=2, scheduler="ddim", output_type="latent")  # no decode, nothing to make room for
         released = [options is not None for options in recorder.options]
         assert released == [False, False, decodes, False, False], (path, released)
+
+
+def test_low_memory_sampler_holds_one_model_at_a_time(tmp_path):
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from runtime import Sampler
+    from tests.runtime_fixtures import build_package
+
+    path, _ = build_package(tmp_path / "latent")
+    reference = Sampler(path, threads=1)
+    sampler = Sampler(path, threads=1, low_memory=True)
+    opened = weakref.ref(sampler._denoiser)
+    seen_at_decode = []
+    decode = sampler._decode
+    sampler._decode = lambda x: seen_at_decode.append((sampler._denoiser, opened())) or decode(x)
+    for seed in (0, 1):  # the second call opens the denoiser again
+        images = sampler([1, 2], steps=3, scheduler="ddim", seed=seed)
+        np.testing.assert_array_equal(images, reference([1, 2], steps=3, scheduler="ddim", seed=seed))
+    gc.collect()
+    assert seen_at_decode == [(None, None), (None, None)]  # closed, and no reference left anywhere
+    latents = sampler([3], steps=2, scheduler="ddim", output_type="latent")  # no decode: the denoiser stays
+    assert sampler._denoiser is not None and latents.shape == (1, *sampler.latent_shape)
+    pixel_path, _ = build_package(tmp_path / "pixel", pixel=True, learn_sigma=False, cfg_channels="all")
+    assert not Sampler(pixel_path, threads=1, low_memory=True).low_memory  # nothing to decode, nothing to drop
