@@ -130,7 +130,9 @@ def test_sample_depends_only_on_seed_and_label(sampler):
     np.testing.assert_array_equal(sampler([3, 8], steps=12, seed=21), sampler([3, 8], steps=12, seed=[21, 22]))
 
 
-def test_threads_share_one_sampler(sampler):
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_threads_share_one_sampler(package, sampler, low_memory):
+    sampler = Sampler(package[0], low_memory=True) if low_memory else sampler  # low memory: calls take turns
     jobs = [
         dict(class_labels=[1, 2], scheduler="dpm++2m", steps=8, seed=1),
         dict(class_labels=[3], scheduler="ddpm", steps=10, seed=2),
