@@ -13,6 +13,8 @@ import onnx
 from dit_ops import DOMAIN, OPSET_VERSION
 from dit_ops.downsampled_attention.onnx_function import DownsampledAttention
 from dit_ops.local_window_attention.onnx_function import LocalWindowAttention
+from dit_ops.local_window_attention.onnx_function import function_proto as local_window_function
+from dit_ops.local_window_attention.onnx_function import single_chunk
 
 __all__ = ["BODIES", "MIN_OPSET", "function_proto", "attach_functions", "custom_nodes"]
 
@@ -20,31 +22,7 @@ BODIES = {"DownsampledAttention": DownsampledAttention, "LocalWindowAttention": 
 MIN_OPSET = 18  # the bodies are written against opset 18
 
 
-# Values of the LocalWindowAttention body that only exist to append pooled tokens; with down_factor = 0
-# they are empty, yet ONNX Runtime still copies every key window through the Concat (~15% of its time).
-_POOLED_JOINS = {"keys": "k_tiles", "values": "v_tiles", "full_mask": "mask"}
-
-
-def _without_pooled_tokens(function: onnx.FunctionProto) -> onnx.FunctionProto:
-    """The local body specialised to down_factor = 0: joins become their window input, dead nodes go."""
-    for node in function.node:
-        if node.output[0] in _POOLED_JOINS:
-            source = _POOLED_JOINS[node.output[0]]
-            if source not in node.input:
-                raise RuntimeError(f"LocalWindowAttention body changed: {node.output[0]} no longer joins {source}")
-            node.op_type, node.input[:] = "Identity", [source]
-            del node.attribute[:]
-    needed, kept = set(function.output), []
-    for node in reversed(function.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del function.node[:]
-    function.node.extend(reversed(kept))
-    return function
-
-
-def function_proto(op_type: str, opset_version: int, pooled: bool = True) -> onnx.FunctionProto:
+def function_proto(op_type: str, opset_version: int, pooled: bool = True, chunked: bool = True) -> onnx.FunctionProto:
     """Body of `dit_ops::<op_type>` importing the default ONNX domain at `opset_version` (the model's).
 
     The bodies are written against opset 18; later versions of the ops they use only added types or
@@ -55,9 +33,10 @@ def function_proto(op_type: str, opset_version: int, pooled: bool = True) -> onn
         raise ValueError(f"unknown dit_ops op type {op_type!r}; valid: {', '.join(BODIES)}")
     if opset_version < MIN_OPSET:
         raise ValueError(f"dit_ops function bodies need default opset >= {MIN_OPSET}, got {opset_version}")
-    function = BODIES[op_type].to_function_proto()
-    if op_type == "LocalWindowAttention" and not pooled:
-        function = _without_pooled_tokens(function)
+    if op_type == "LocalWindowAttention":
+        function = local_window_function(pooled, chunked)
+    else:
+        function = BODIES[op_type].to_function_proto()
     for entry in function.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset_version
@@ -73,7 +52,8 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Append (in place, and return) the FunctionProto of every dit_ops op type used by `model`.
 
     Idempotent: a body already present is replaced. Without any pooling node the local-attention body
-    is the specialised one (same result, no empty pooled branch). The default-domain opset of the bodies follows the
+    is the specialised one (same result, no empty pooled branch); where every local node fits one chunk
+    of tiles, its Scan is unrolled. The default-domain opset of the bodies follows the
     model's. Typical use after `torch.onnx.export(..., custom_translation_table=dit_ops.translation_table())`:
     `model = dit_ops.attach_functions(onnx_program.model_proto)`.
     """
@@ -87,7 +67,9 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name in used)]
     del model.functions[:]
     pooled = any(a.name == "down_factor" and a.i > 0 for n in custom_nodes(model) for a in n.attribute)
-    model.functions.extend(kept + [function_proto(name, default[0], pooled) for name in used])
+    local = [n for n in custom_nodes(model) if n.op_type == "LocalWindowAttention"]
+    chunked = not all(single_chunk({a.name: a.i for a in n.attribute if a.type == a.INT}) for n in local)
+    model.functions.extend(kept + [function_proto(name, default[0], pooled, chunked) for name in used])
     if used and not any(entry.domain == DOMAIN for entry in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     return model

@@ -73,10 +73,29 @@ def test_local_body_matches_torch(grid_h, grid_w, radius, d, tile):
     attrs = lw_schema.node_attributes(3, 8, grid_h, grid_w, radius, d, tile)
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "scale": scale.numpy(),
              "pool_weight": (weight if d else torch.ones(1)).numpy()}
-    out = _run(_node_model("LocalWindowAttention", attrs, feeds), feeds)
+    model = _node_model("LocalWindowAttention", attrs, feeds)
+    ref = dense_local_window_attention(q, k, v, scale, grid_h=grid_h, grid_w=grid_w, radius=radius,
+                                       down_factor=d, pool_weight=weight).numpy()
+    np.testing.assert_allclose(_run(model, feeds), ref, atol=1e-5, rtol=0)
+    # these nodes fit one chunk of tiles: the attached body is unrolled; the Scan form gives the same result
+    assert "Scan" not in {node.op_type for node in model.functions[0].node}
+    model.functions[0].CopyFrom(function_proto("LocalWindowAttention", 18, pooled=d > 0, chunked=True))
+    np.testing.assert_allclose(_run(model, feeds), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("heads, d", [(1, 0), (3, 0), (3, 4)])
+def test_local_body_in_chunks_matches_torch(heads, d):
+    # 72 tiles of 8 x 8 on a 72 x 64 grid in chunks of 16 / 5 / 2 tiles: the last chunk repeats the last tile
+    grid_h, grid_w, radius = 72, 64, 8
+    q, k, v, scale, weight = _local_case(grid_h, grid_w, radius, d, heads=heads)
+    attrs = lw_schema.node_attributes(heads, 8, grid_h, grid_w, radius, d, 8)
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "scale": scale.numpy(),
+             "pool_weight": (weight if d else torch.ones(1)).numpy()}
+    model = _node_model("LocalWindowAttention", attrs, feeds)
+    assert "Scan" in {node.op_type for node in model.functions[0].node}
     ref = dense_local_window_attention(q, k, v, scale, grid_h=grid_h, grid_w=grid_w, radius=radius,
                                        down_factor=d, pool_weight=weight)
-    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_run(model, feeds), ref.numpy(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("grid", [(8, 8), (6, 10), (2, 2)])
