@@ -6,6 +6,7 @@ channels (3 in official DiT / U-DiT, all latent channels for diffusers sources),
 the conditional half, then the VAE decoder (or, for pixel-space packages, [-1, 1] -> [0, 1]).
 """
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -135,21 +136,18 @@ class Sampler:
             x = self._check_latents(latents, count)
         x = x * solver.init_noise_sigma
         decode = output_type != "latent"
-        if not self.low_memory:
-            x = self._denoise(self._denoiser, solver, x, labels, float(guidance_scale), guided, draw_noise, progress,
-                              decode)
-            return self._decode(x) if decode else x
-        with self._one_call_at_a_time:
-            if self._denoiser is None:
+        with self._one_call_at_a_time if self.low_memory else contextlib.nullcontext():
+            if self._denoiser is None:  # closed by the last low-memory decode
                 self._denoiser, _ = open_session(self._denoiser_path, self.provider, strict=True,
                                                  threads=self._threads)
             x = self._denoise(self._denoiser, solver, x, labels, float(guidance_scale), guided, draw_noise, progress,
                               decode)
-            if decode:
+            if not decode:
+                return x
+            if self.low_memory:
                 self._denoiser = None  # its weights leave before the decode's activations arrive
                 trim_heap()
-                x = self._decode(x)
-            return x
+            return self._decode(x)
 
     def _denoise(
         self,

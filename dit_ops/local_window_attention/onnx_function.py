@@ -175,13 +175,13 @@ def LocalWindowAttention(
 
     # --- per chunk: one softmax over window + pooled tokens
     @graph()
-    def attend(queries: INT64["Q"], keys: INT64["K"], mask: FLOAT["T", "Tq", "Tk"]) -> FLOAT["B", "H", "M", "D"]:
+    def attend(queries: INT64["Q"], keys: INT64["K"], chunk_mask: FLOAT["T", "Tq", "Tk"]) -> FLOAT["B", "H", "M", "D"]:
         q_tiles = op.Reshape(op.Gather(qf, queries, axis=2), chunk_tile_shape)
         k_window = op.Reshape(op.Gather(kf, keys, axis=2), chunk_window_shape)
         v_window = op.Reshape(op.Gather(vf, keys, axis=2), chunk_window_shape)
         k_tiles = op.Concat(k_window, op.Expand(pooled_k, chunk_pooled_shape), axis=3)
         v_tiles = op.Concat(v_window, op.Expand(pooled_v, chunk_pooled_shape), axis=3)
-        logits = op.MatMul(q_tiles, op.Transpose(k_tiles, perm=[0, 1, 2, 4, 3])) + mask
+        logits = op.MatMul(q_tiles, op.Transpose(k_tiles, perm=[0, 1, 2, 4, 3])) + chunk_mask
         chunk_out = op.Reshape(op.MatMul(op.Softmax(logits, axis=-1), v_tiles), chunk_out_shape)
         return chunk_out
 
@@ -238,7 +238,8 @@ def single_chunk(attributes: dict[str, int]) -> bool:
                            attributes["tile_w"])
     d = attributes["down_factor"]
     pooled = (attributes["grid_h"] // d) * (attributes["grid_w"] // d) if d > 0 else 0
-    logit_bytes = attributes["num_heads"] * plan.tile_size * (attributes["window_h"] * attributes["window_w"] + pooled) * 4
+    keys_per_query = attributes["window_h"] * attributes["window_w"] + pooled
+    logit_bytes = attributes["num_heads"] * plan.tile_size * keys_per_query * 4
     return plan.num_tiles <= max(CHUNK_BYTES // logit_bytes, 1)
 
 
