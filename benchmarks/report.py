@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.sampling import LOW_MEMORY_ROW
+
 SECTIONS = ("gemm", "denoiser", "attention", "sampling", "export_train")
 BACKEND_LABELS = {
     "torch_eager": "torch eager fp32", "torch_compile": "torch.compile fp32", "ort_fp32": "ORT fp32",
@@ -159,7 +161,7 @@ def evaluate_targets(sections: dict) -> list[dict]:
     sampling = sections.get("sampling", {})
     rows = {row.get("implementation", "").split()[0]: row for row in sampling.get("rows", [])}
     # both sampling targets on one configuration: the edge one (one model resident at a time) where measured
-    edge = "runtime.Sampler(low_memory=True)"
+    edge = LOW_MEMORY_ROW.split()[0]
     name = edge if edge in rows else "runtime.Sampler"
     runtime, pipeline = rows.get(name), rows.get("diffusers")
     steps = sampling.get("steps", 20)

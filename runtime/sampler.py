@@ -86,8 +86,9 @@ class Sampler:
         self._denoiser, self.provider = open_session(self._denoiser_path, provider, strict=strict, threads=threads)
         self.low_memory = low_memory and self._vae is not None
         self._one_call_at_a_time = threading.Lock()
-        # before a CPU decode, the last denoising step gives the denoiser's arena back
-        decodes_on_cpu = self._vae is not None and self.provider == "cpu"
+        # before a CPU decode, the last denoising step gives the denoiser's arena back (a low-memory sampler
+        # closes the whole session there instead)
+        decodes_on_cpu = self._vae is not None and self.provider == "cpu" and not self.low_memory
         self._last_step_options = releasing_arena_run_options() if decodes_on_cpu else None
 
     def __call__(

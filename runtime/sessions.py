@@ -85,13 +85,8 @@ def releasing_arena_run_options() -> Any:
 
 def return_large_frees_to_os() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES; False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # musl and other C libraries: no libc.so.6 or no mallopt
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def trim_heap() -> bool:
@@ -100,13 +95,22 @@ def trim_heap() -> bool:
     A closed session leaves its many small allocations (graph, kernels, small weights) as free holes in
     the heap that glibc keeps resident: ~45 MB after closing a DiT-S/2 denoiser.
     """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def _glibc() -> Any:
+    """glibc with its malloc tuning calls, or None (not Linux; musl and other C libraries lack them)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _open(path: Path, provider: str, threads: int | None, arena: bool = True) -> Session:
