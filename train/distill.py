@@ -217,7 +217,7 @@ def distill(config: DistillConfig, progress: bool = True) -> dict:
     log.info("zero-shot linearization vs teacher: %s", before)
 
     parameters = trainable_parameters(student)
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, fused=True)  # as train/loop.py
     diffusion = create_diffusion()
     generator = torch.Generator().manual_seed(config.seed)
     null = teacher.num_classes
