@@ -25,6 +25,8 @@ ROUNDS = {False: 3, True: 1}
 # Training throughput is a steady-state rate: the train package's first 5 steps run up to 60% slow while its
 # allocations settle (2.5-3.5 s, then ~2.1-2.3 s from the sixth), so both loops skip 6 steps before timing.
 TRAIN_WARMUP = 6
+# Shown beside the target's fp32 rows: bf16 autocast is the dit preset's default where bf16 products are native.
+BF16_ROW = "train package, bf16 autocast"
 
 
 def train_warmup(settings: Settings) -> int:
@@ -66,9 +68,11 @@ def plain_loop(model: str, kwargs: dict, batch: int, threads: int, warmup: int, 
     return result | {"samples_per_s": batch / (result["median_ms"] * 1e-3)}
 
 
-def train_tool(settings: Settings, model: str) -> dict:
+def train_tool(settings: Settings, model: str, bf16: bool = False) -> dict:
     """`python -m train` on the embedded digits in pixel space, logging every step; per-step times from its
-    metrics.jsonl (the steps after warm-up) and the model config it built, which the plain loop copies."""
+    metrics.jsonl (the steps after warm-up) and the model config it built, which the plain loop copies.
+    bf16=False is the like-for-like fp32 row the target compares; bf16=True is the dit preset's default on
+    CPUs with native bf16 products."""
     out = settings.workdir / "train_tool"
     shutil.rmtree(out, ignore_errors=True)
     warmup = train_warmup(settings)
@@ -78,9 +82,9 @@ def train_tool(settings: Settings, model: str) -> dict:
             "--cfg-channels", "all",
             "--batch-size", str(TRAIN_BATCH), "--steps", str(steps), "--log-every", "1", "--ckpt-every", str(steps),
             "--sample-every", str(steps), "--sample-steps", "1", "--eval-per-class", "0", "--no-progress",
-            "--seed", "0", "--out", str(out)]
+            "--seed", "0", "--out", str(out), "--bf16" if bf16 else "--no-bf16"]
     process = run_process(argv, settings, label="train_tool")
-    row = {"loop": "train package", "command": "python -m train " + " ".join(argv[3:]),
+    row = {"loop": BF16_ROW if bf16 else "train package", "command": "python -m train " + " ".join(argv[3:]),
            "process": {key: process[key] for key in ("wall_s", "cpu_s", "peak_rss_mb")}}
     if process["status"] != "ok":
         return row | {"status": f"unavailable: python -m train {process['status']}"}
@@ -121,5 +125,6 @@ def run(settings: Settings) -> dict:
             "model": config["name"], "kwargs": config["kwargs"], "batch": TRAIN_BATCH, "threads": settings.threads,
             "warmup": train_warmup(settings), "repeats": settings.repeats}, label="train_plain"))
     plain = pooled(plains) | {"loop": "plain PyTorch"}
+    bf16 = train_tool(settings, train_model, bf16=True)
     return {"export": export, "train_model": train_model, "train_batch": TRAIN_BATCH,
-            "train": [pooled(tools), plain]}
+            "train": [pooled(tools), plain, bf16]}

@@ -1,5 +1,6 @@
 """The training run in-process with the tiny preset: outputs, resume equivalence, folder data, VAE latents, bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from train import checkpoint
 from train.config import build_config
 from train.loop import train
+from train.precision import cpu_flags, native_bf16
 
 
 def _run(tmp_path, name="run", **options):
@@ -145,6 +147,21 @@ def test_ema_matches_its_formula():
     assert EMA(model, 0.9999).decay_at(1) == 0.9999 and ema.decay_at(10_000) == 0.9
     with pytest.raises(ValueError, match="EMA decay"):
         EMA(model, 1.0)
+
+
+def test_bf16_auto_follows_the_device(tmp_path):
+    assert build_config("dit", "data", vae="none").bf16 is None  # auto
+    assert build_config("mnist", None).bf16 is False and build_config("dit", "data", vae="none", bf16=False).bf16 is False
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_vnni\n")
+    assert cpu_flags(flags) >= {"avx512f", "avx512_vnni"} and not native_bf16(torch.device("cpu"), flags)
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert native_bf16(torch.device("cpu"), flags)
+    assert not native_bf16(torch.device("cpu"), tmp_path / "missing") and not native_bf16(torch.device("meta"))
+    config = dataclasses.replace(build_config("tiny", None, out=str(tmp_path / "auto"), steps=2), bf16=None)
+    out = train(config, progress=False)
+    recorded = json.loads((out / "checkpoint" / "config.json").read_text())["training"]["bf16"]
+    assert recorded is native_bf16(torch.device("cpu"))  # the choice made, not "auto"
 
 
 def test_bf16_autocast_and_gradient_clipping(tmp_path):

@@ -84,7 +84,7 @@ def train_command(
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [0]")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay [dit: 0.9999; mnist: 0.999]")] = None,
     ema_warmup: Annotated[Optional[bool], typer.Option("--ema-warmup/--no-ema-warmup", help="decay min(d, (1+n)/(10+n)) [mnist: on]")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the model forward [off]")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the model forward [dit: on where bf16 is native (AVX512-BF16/AMX CPUs, sm80+ GPUs); mnist: off]")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm; 0 = off [0]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Global seed [0]")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps [dit: 400000; mnist: see docs/training.md]")] = None,

@@ -3,7 +3,8 @@
 Presets
 - `mnist` (the default without --data): the embedded digits in the latent space of a tiny VAE, sized to
   finish with metrics in about 12.5 minutes on 2 CPU cores, VAE included (recipe and measurements in docs/training.md).
-- `dit` (the default with --data): the DiT paper recipe (AdamW 1e-4, EMA 0.9999, batch 256, 400K steps).
+- `dit` (the default with --data): the DiT paper recipe (AdamW 1e-4, EMA 0.9999, batch 256, 400K steps), with
+  bf16 autocast where the device multiplies bf16 natively.
 - `tiny`: seconds-long runs for tests and smoke checks.
 """
 
@@ -37,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False
-    bf16: bool = False
+    bf16: bool | None = False  # None = auto: on where bf16 products are native (train.precision)
     grad_clip: float = 0.0
     seed: int = 0
     steps: int = 400_000
@@ -88,7 +89,9 @@ PRESETS: dict[str, dict] = {
         steps=1250, batch_size=64, workers=0, log_every=50, ckpt_every=250, sample_every=625,
         sample_steps=25, guidance_scale=3.0, eval_per_class=100, eval_steps=25, eval_guidance_scale=3.0,
     ),
-    "dit": dict(),
+    # DiT-S/2 at batch 8 on an AVX512-BF16 CPU: 0.98 s per step with bf16 autocast, 2.07 s in fp32. The mnist
+    # preset stays fp32: its small products gain nothing (65 vs 69 ms per step).
+    "dit": dict(bf16=None),
     "tiny": dict(
         data=None, image_size=32, vae="none", vae_steps=4, cache_latents=True, hflip=False,
         model="dit_tiny_2", model_args=dict(hidden_size=32, depth=1, num_heads=2, patch_size=8),

@@ -7,6 +7,7 @@ resume/state.json is the whole RNG state, for any number of ranks).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from .config import TrainConfig
 from .data import DigitsDataset, ImageFolderDataset, epoch_batches
 from .ema import EMA
 from .latents import build_latent_cache
+from .precision import native_bf16
 from .sampling import latents_to_images, sample_latents, save_grid
 from .vae import VaeRecipe, load_vae, train_vae
 
@@ -118,6 +120,10 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
 
 def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
     start_time = time.time()
+    if config.bf16 is None:  # auto; the run records what it chose
+        config = dataclasses.replace(config, bf16=native_bf16(dist.device))
+        log.info("bf16 autocast %s (native bf16 products on %s: %s)", "on" if config.bf16 else "off",
+                 dist.device, config.bf16)
     out = Path(config.out)
     ckpt_dir = out / "checkpoint"
     checkpoint.recover(ckpt_dir)
