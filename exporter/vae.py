@@ -1,7 +1,8 @@
 """vae_decoder.onnx: latent -> image in [0, 1], with the 1/scaling_factor and the range mapping inside.
 
 Putting both inside the graph means the runtime feeds the sampler's latents as they are and gets a
-displayable image back, whatever VAE the package came with. The decoder stays float32: fp16 VAE
+displayable image back, whatever VAE the package came with. The decoder's nearest-2x upsamplers are
+exported in their phase form (exporter/upsample.py): same image, 4/9 of their multiply-adds. The decoder stays float32: fp16 VAE
 decoders are the classic source of NaN / black images (peers_and_pitfalls.md, pain point 1).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from exporter import onnx_io
+from exporter.upsample import phase_upsamplers
 
 
 class DecodeToImage(nn.Module):
@@ -60,7 +62,8 @@ def export_vae_decoder(
         raise ValueError(
             f"VAE latent_channels={vae.config.latent_channels} does not match the denoiser's {channels} channels"
         )
-    module = DecodeToImage(vae, scaling_factor, getattr(vae.config, "shift_factor", None)).eval()
+    decoder_vae, _ = phase_upsamplers(vae)
+    module = DecodeToImage(decoder_vae, scaling_factor, getattr(vae.config, "shift_factor", None)).eval()
     latent = torch.randn(2, channels, h, w, generator=torch.Generator().manual_seed(0))
     model = onnx_io.export_module(module, (latent,), ["latent"], ["image"], opset, dynamic_batch=True)
     external = onnx_io.save_model(model, path)
