@@ -2,8 +2,9 @@
 
 Putting both inside the graph means the runtime feeds the sampler's latents as they are and gets a
 displayable image back, whatever VAE the package came with. The decoder's nearest-2x upsamplers are
-exported in their phase form (exporter/upsample.py): same image, 4/9 of their multiply-adds. The decoder stays float32: fp16 VAE
-decoders are the classic source of NaN / black images (peers_and_pitfalls.md, pain point 1).
+exported in their phase form (exporter/upsample.py): same image, 4/9 of their multiply-adds. The decoder
+stays float32: fp16 VAE decoders are the classic source of NaN / black images (peers_and_pitfalls.md,
+pain point 1).
 """
 from __future__ import annotations
 

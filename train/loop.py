@@ -122,8 +122,8 @@ def _train(config: TrainConfig, dist: distributed.Dist, progress: bool) -> Path:
     start_time = time.time()
     if config.bf16 is None:  # auto; the run records what it chose
         config = dataclasses.replace(config, bf16=native_bf16(dist.device))
-        log.info("bf16 autocast %s (native bf16 products on %s: %s)", "on" if config.bf16 else "off",
-                 dist.device, config.bf16)
+        log.info("bf16 autocast %s (auto: bf16 products are%s native on %s)", "on" if config.bf16 else "off",
+                 "" if config.bf16 else " not", dist.device)
     out = Path(config.out)
     ckpt_dir = out / "checkpoint"
     checkpoint.recover(ckpt_dir)
