@@ -8,7 +8,10 @@ all 0 because TensorRT only takes symmetric quantization.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +65,7 @@ def quantize_int8(
     ranges = {
         name: (np.array(-a, dtype=np.float32), np.array(a, dtype=np.float32)) for name, a in amax.items()
     }
-    with tempfile.TemporaryDirectory(prefix="dit-edge-calib.") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dit-edge-calib.") as tmp, _without_preprocess_advice():
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
         quantize_static(
@@ -94,6 +97,23 @@ def quantize_int8(
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
             },
         )
+
+
+class _PreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_preprocess_advice() -> Iterator[None]:
+    """ONNX Runtime's quantizer advises (twice, on the root logger) running its pre-processing (shape inference,
+    graph optimization): the exporter's graph comes constant-folded with its shapes, and the report checks quality."""
+    root, advice = logging.getLogger(), _PreprocessAdvice()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def _raise_opset(model: onnx.ModelProto, version: int) -> None:

@@ -33,10 +33,15 @@ def main(
     max_batch: int = typer.Option(8, help="--engine trt: largest denoiser batch (2 x images per call with CFG)"),
 ) -> None:
     """Write manifest.json, denoiser.onnx (+ .fp16), vae_decoder.onnx and Polygraphy parity data."""
+    import logging
+
     from models.official import CheckpointMismatchError
     from exporter.package import ExportOptions, check_out_dir, export_package
     from exporter.sources import load_source
 
+    # our steps at INFO; onnxscript's optimizer passes log every folded initializer at INFO
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("exporter").setLevel(logging.INFO)
     try:
         if engine not in ("onnx", "trt"):
             raise ValueError(f"--engine {engine!r}: valid choices are onnx, trt")

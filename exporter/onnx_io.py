@@ -80,6 +80,8 @@ def export_module(
     with warnings.catch_warnings():
         # torch warns that the shared "batch" name is reused for every input: that is the intent
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
+        # torch.export copies its own pytree specs through an API torch itself deprecated: nothing to act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         program = torch.onnx.export(
             module.eval(),
             args,

@@ -5,10 +5,14 @@ end, so an interrupted export never leaves a half-written package (or destroys t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from exporter.vae import decoded_shape, export_vae_decoder, load_vae
 
 DENOISER_FILES = {"fp32": "denoiser.onnx", "fp16": "denoiser.fp16.onnx"}
 VAE_FILE = "vae_decoder.onnx"
+log = logging.getLogger(__name__)
 FP16_COMPUTE = ("float16 weights and activations; float32 graph inputs/outputs, normalisation statistics, "
                 "softmax, reductions and the timestep embedding")
 
@@ -58,6 +63,15 @@ def _versions(opset: int) -> dict:
             "polygraphy": version("polygraphy"), "diffusers": version("diffusers"), "opset": opset}
 
 
+@contextlib.contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Announce a step and its time: a large export runs for minutes (udit_b ~40 s on 2 cores, XL longer)."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.1f s", what, time.perf_counter() - start)
+
+
 def _resolve_vae(source: Source, choice: str) -> tuple[object | None, float | None]:
     if choice == "none":
         return None, None
@@ -79,25 +93,32 @@ def _write(source: Source, staging: Path, options: ExportOptions) -> dict:
     # parity references first: eager PyTorch before any tracing touches the model
     batch = 2 if options.dynamic_batch else options.batch_size
     feeds = parity_feeds(source.latent, source.num_classes, source.diffusion, batch)
-    write_parity_data(source.model, feeds, staging)
+    with _stage("parity references (PyTorch outputs)"):
+        write_parity_data(source.model, feeds, staging)
 
-    fp32_model = export_denoiser(source, options.opset, options.dynamic_batch, options.batch_size)
+    with _stage(f"denoiser {source.name}: torch.onnx export"):
+        fp32_model = export_denoiser(source, options.opset, options.dynamic_batch, options.batch_size)
     ops = custom_op_counts(fp32_model)
-    half = fp16.convert_to_fp16(fp32_model) if options.fp16 else None
+    half = None
+    if options.fp16:
+        with _stage("denoiser: fp16 conversion"):
+            half = fp16.convert_to_fp16(fp32_model)
     precisions = {}
-    external = onnx_io.save_model(fp32_model, staging / DENOISER_FILES["fp32"])
-    onnx_io.check_model(staging / DENOISER_FILES["fp32"])
-    precisions["fp32"] = _denoiser_entry(fp32_model, DENOISER_FILES["fp32"], external, "float32")
-    del fp32_model
-    if half is not None:
-        external = onnx_io.save_model(half, staging / DENOISER_FILES["fp16"])
-        onnx_io.check_model(staging / DENOISER_FILES["fp16"])
-        precisions["fp16"] = _denoiser_entry(half, DENOISER_FILES["fp16"], external, FP16_COMPUTE)
-        del half
+    with _stage("denoiser: save and check"):
+        external = onnx_io.save_model(fp32_model, staging / DENOISER_FILES["fp32"])
+        onnx_io.check_model(staging / DENOISER_FILES["fp32"])
+        precisions["fp32"] = _denoiser_entry(fp32_model, DENOISER_FILES["fp32"], external, "float32")
+        del fp32_model
+        if half is not None:
+            external = onnx_io.save_model(half, staging / DENOISER_FILES["fp16"])
+            onnx_io.check_model(staging / DENOISER_FILES["fp16"])
+            precisions["fp16"] = _denoiser_entry(half, DENOISER_FILES["fp16"], external, FP16_COMPUTE)
+            del half
 
     vae_entry = None
     if vae is not None:  # always a dynamic batch: the runtime decodes however many images it sampled
-        vae_entry = export_vae_decoder(vae, scaling_factor, source.latent, staging / VAE_FILE, options.opset)
+        with _stage("VAE decoder: export, save and check"):
+            vae_entry = export_vae_decoder(vae, scaling_factor, source.latent, staging / VAE_FILE, options.opset)
     image = None
     if source.pixel_space:
         c, h, w = source.latent

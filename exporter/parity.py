@@ -8,10 +8,12 @@ scale), fp16 when the cosine similarity to the fp32 PyTorch output is >= 0.999 o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,17 +68,33 @@ def write_parity_data(model, feeds: list[dict], package_dir: str | Path) -> None
             iterations.append(IterationResult({"out": out.float().numpy()}, runner_name=RUNNER_NAME))
     root = Path(package_dir)
     (root / "parity").mkdir(parents=True, exist_ok=True)
-    save_json(feeds, str(root / INPUTS_FILE))
     results = RunResults()
     results.append((RUNNER_NAME, iterations))
-    results.save(str(root / OUTPUTS_FILE))
+    with _quiet_polygraphy():
+        save_json(feeds, str(root / INPUTS_FILE))
+        results.save(str(root / OUTPUTS_FILE))
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy() -> Iterator[None]:
+    """Polygraphy announces every file it saves or loads (here, staging paths renamed later) and, on its first
+    message, that the optional `colored` module is missing; warnings and errors still show."""
+    from polygraphy.logger import G_LOGGER
+
+    colors, G_LOGGER.colors = G_LOGGER.colors, False
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            yield
+    finally:
+        G_LOGGER.colors = colors
 
 
 def output_scale(outputs_path: str | Path) -> dict[str, float]:
     """max |ref| per output over all stored iterations: the scale the fp32 tolerance is relative to."""
     from polygraphy.comparator import RunResults
 
-    results = RunResults.load(str(outputs_path))
+    with _quiet_polygraphy():
+        results = RunResults.load(str(outputs_path))
     scale: dict[str, float] = {}
     for _, iterations in results.items():
         for iteration in iterations:

@@ -223,7 +223,7 @@ def from_diffusers(path: str | Path, attention: str | None = None) -> Source:
             "DiTTransformer2DModel directory (config.json + weights)")
     if attention == "local":
         raise ValueError("--attention local is available for dit-edge models only, not for diffusers sources")
-    transformer = DiTTransformer2DModel.from_pretrained(model_dir).float().eval()
+    transformer = DiTTransformer2DModel.from_pretrained(model_dir, low_cpu_mem_usage=False).float().eval()
     cfg = transformer.config
     out_channels = cfg.out_channels or cfg.in_channels
     facts: dict = {"cfg_channels": "all"}

@@ -41,7 +41,8 @@ def load_vae(path: str | Path) -> nn.Module:
         path = path / "vae"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers AutoencoderKL directory (no config.json)")
-    return AutoencoderKL.from_pretrained(path).float().eval()
+    # low_cpu_mem_usage needs `accelerate`; asking for the plain load up front skips diffusers' advice to install it
+    return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).float().eval()
 
 
 def decoded_shape(vae: nn.Module, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -1,6 +1,7 @@
 """calibration/: timestep-aware ranges, symmetric INT8 / FP8 Q/DQ denoisers, manifest update, report, bad input."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,13 @@ def test_bad_input(package, tmp_path):
     cli = subprocess.run([sys.executable, "-m", "calibration", str(package), "--precision", "int3"],
                          capture_output=True, text=True)
     assert cli.returncode == 2 and "valid: int8, fp8" in cli.stderr
+
+
+def test_quantizer_preprocess_advice_is_dropped_and_only_it(package, tmp_path, caplog):
+    target = tmp_path / "pkg"
+    shutil.copytree(package, target)
+    with caplog.at_level(logging.WARNING):
+        calibrate(target, "int8", samples=4, steps=2, batch_size=4, eval_samples=1, log=lambda _: None)
+        assert not [r for r in caplog.records if "pre-process" in r.getMessage()]
+        logging.getLogger().warning("Please consider to run pre-processing before quantization.")
+    assert [r for r in caplog.records if "pre-process" in r.getMessage()]  # the filter left with the call

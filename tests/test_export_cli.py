@@ -2,6 +2,8 @@
 parity passing on a fresh package and failing on a corrupted one, and the bad-input errors."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -150,6 +152,23 @@ def test_local_attention_checkpoint_with_vae(tmp_path):
     manifest = load_manifest(tmp_path / "pkg")
     assert manifest["vae_decoder"] is None and not (tmp_path / "pkg/vae_decoder.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "pkg"]  # no staging leftovers
+
+
+def test_console_shows_the_steps_and_no_library_noise(tmp_path):
+    """A user sees each step with its time, and not onnxscript's pass logs, Polygraphy's missing-`colored` notice,
+    diffusers' `accelerate` advice or torch's internal deprecation warnings."""
+    model = models.create_model("dit_tiny_2", **KWARGS)
+    ckpt = _write_checkpoint(tmp_path / "ckpt", model.state_dict(), _tiny_vae())
+    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "--checkpoint", str(ckpt), "--out", str(tmp_path / "pkg")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line.removeprefix("INFO exporter.package: ") for line in proc.stderr.splitlines()]
+    for step in ("parity references", "denoiser dit_tiny_2: torch.onnx export", "VAE decoder"):
+        assert any(line.startswith(step) and line.endswith(" s") for line in steps), proc.stderr
+    console = proc.stdout + proc.stderr
+    for noise in ("onnx_ir", "onnxscript", "colored", "accelerate", "Warning", "Saving"):
+        assert noise not in console, console
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'pkg'}: fp32 denoiser (dit_tiny_2")
 
 
 @pytest.fixture
