@@ -99,16 +99,14 @@ def quantize_int8(
         )
 
 
-class _PreprocessAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-process" not in record.getMessage()
-
-
 @contextlib.contextmanager
 def _without_preprocess_advice() -> Iterator[None]:
     """ONNX Runtime's quantizer advises (twice, on the root logger) running its pre-processing (shape inference,
     graph optimization): the exporter's graph comes constant-folded with its shapes, and the report checks quality."""
-    root, advice = logging.getLogger(), _PreprocessAdvice()
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+    root = logging.getLogger()
     root.addFilter(advice)
     try:
         yield
